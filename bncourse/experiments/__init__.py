@@ -1,0 +1,1 @@
+"""Experiments of the book, one module per chapter; each returns plain data."""
