@@ -56,7 +56,8 @@ class DatasetTensors(NamedTuple):
 class Dataset:
     """A classification data set split into a training and a test part (NumPy arrays).
 
-    The arrays are read-only; use :func:`dataclasses.replace` to derive a modified copy.
+    The fields cannot be reassigned (use :func:`dataclasses.replace` to derive a modified copy);
+    the arrays are the dataset's own copies, so changing an array passed in does not change it.
 
     Attributes
     ----------
@@ -95,9 +96,7 @@ class Dataset:
         for field in ("x_train", "y_train", "x_test", "y_test", "mean", "std"):
             value = getattr(self, field)
             if value is not None:
-                value = np.array(value, copy=True)
-                value.setflags(write=False)
-                object.__setattr__(self, field, value)
+                object.__setattr__(self, field, np.array(value, copy=True))
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")

@@ -75,12 +75,14 @@ def test_digits_images_for_cnns():
     np.testing.assert_allclose(images.x_train.reshape(-1, 64), flat.x_train, atol=1e-6)
 
 
-def test_dataset_is_frozen_and_read_only():
+def test_dataset_is_frozen_and_owns_its_arrays():
     data = load_digits()
     with pytest.raises(dataclasses.FrozenInstanceError):
         data.x_train = data.x_test
-    with pytest.raises(ValueError):
-        data.x_train[0, 0] = 1.0
+    x, y = np.zeros((4, 3), np.float32), np.zeros(4, np.int64)
+    copied = Dataset(x, y, x, y, num_classes=2, input_shape=(3,))
+    x[0, 0] = 5.0
+    assert copied.x_train[0, 0] == 0.0
     shifted = dataclasses.replace(data, x_test=data.x_test + 1)
     np.testing.assert_allclose(shifted.x_test, data.x_test + 1)
 
