@@ -297,21 +297,27 @@ class _ActivationRecorder:
         return records
 
 
-def _percentiles_over_batch(z: torch.Tensor, levels: np.ndarray) -> torch.Tensor:
+def _percentiles_over_batch(
+    z: torch.Tensor, levels: np.ndarray, use_numpy: bool | None = None
+) -> torch.Tensor:
     """Percentiles of each column of ``z``, shape (B, U) -> (U, P), as ``np.percentile`` computes.
 
     Linear interpolation between the sorted values at positions ``levels / 100 * (B - 1)``. On the
-    CPU the sort runs in NumPy (torch's CPU sort is about ten times slower on small batches).
+    CPU the sort runs in NumPy (torch's CPU sort is about ten times slower on small batches);
+    ``use_numpy`` overrides that choice.
     """
     n = z.shape[0]
     position = levels / 100.0 * (n - 1)
     lower = np.floor(position).astype(np.int64)
     upper = np.minimum(lower + 1, n - 1)
     fraction = (position - lower)[:, None]
-    if z.device.type == "cpu":
-        ordered = np.sort(z.numpy(), axis=0)
+    if use_numpy is None:
+        use_numpy = z.device.type == "cpu"
+    if use_numpy:
+        ordered = np.sort(z.cpu().numpy(), axis=0)
         low, high = ordered[lower], ordered[upper]
-        return torch.from_numpy((low + (high - low) * fraction).T.astype(np.float32))
+        result = (low + (high - low) * fraction).T.astype(np.float32)
+        return torch.from_numpy(result).to(z.device)
     ordered = torch.sort(z, dim=0).values
     low = ordered[torch.as_tensor(lower, device=z.device)]
     high = ordered[torch.as_tensor(upper, device=z.device)]

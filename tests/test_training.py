@@ -173,11 +173,15 @@ def test_records_match_direct_computation_on_the_batch(data, norm):
                 np.testing.assert_allclose(record.mean[row], beta, atol=1e-5)
 
 
-def test_percentiles_over_batch_matches_numpy():
-    z = torch.randn(37, 6)
+@pytest.mark.parametrize("use_numpy", [None, True, False])
+@pytest.mark.parametrize("batch", [1, 2, 37, 60])
+def test_percentiles_over_batch_matches_numpy(use_numpy, batch):
+    z = torch.randn(batch, 6)
     levels = np.array([0.0, 15.0, 50.0, 85.0, 100.0])
     expected = np.percentile(z.numpy(), levels, axis=0).T
-    np.testing.assert_allclose(_percentiles_over_batch(z, levels).numpy(), expected, rtol=1e-6)
+    result = _percentiles_over_batch(z, levels, use_numpy=use_numpy)
+    assert result.shape == (6, 5) and result.dtype == torch.float32
+    np.testing.assert_allclose(result.numpy(), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.cuda
@@ -273,3 +277,10 @@ def test_recording_needs_preactivations(data):
     assert train(model, data, steps=5, device="cpu").train_loss.shape == (5,)
     with pytest.raises(TypeError, match="Dataset"):
         train(model, (data.x_train, data.y_train), steps=5)
+
+
+def test_results_do_not_depend_on_thread_count(data):
+    one = train(_mlp("bn"), data, steps=30, lr=0.5, device="cpu", cpu_threads=1)
+    two = train(_mlp("bn"), data, steps=30, lr=0.5, device="cpu", cpu_threads=2)
+    np.testing.assert_allclose(one.train_loss, two.train_loss, rtol=1e-4)
+    np.testing.assert_allclose(one.test_loss, two.test_loss, rtol=1e-4)
