@@ -1,0 +1,488 @@
+"""Batch normalization in NumPy: the forward pass, two backward passes and a stateful layer.
+
+Shapes follow PyTorch: the input is ``(N, C)`` or ``(N, C, *spatial)`` and every statistic is
+computed per channel (axis 1) over all the other axes, so a channel of an image batch is
+normalised over its ``N * H * W`` values.
+
+Numerics. The output keeps the input's dtype, but the statistics are accumulated in float64 and
+the variance is computed from centred values (two passes), never as ``E[x^2] - E[x]^2``: that
+difference cancels catastrophically when the mean is large compared with the spread (an input
+with mean 1e4 and standard deviation 1 in float32 would lose every digit of its variance).
+
+Functions:
+
+* :func:`batch_norm_forward` / :func:`batch_norm_backward`: training-mode transform with batch
+  statistics and its compact closed-form gradient.
+* :func:`batch_norm_backward_graph`: the same gradient obtained by walking the computational
+  graph backwards one node at a time, as chapter 2 derives it.
+* :func:`batch_norm_inference`: the evaluation-mode transform with fixed statistics.
+* :class:`BatchNorm`: a layer with ``torch.nn.BatchNorm*d`` semantics (running statistics,
+  momentum convention, ``num_batches_tracked``, ``train()``/``eval()``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "BatchNormCache",
+    "batch_statistics",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "batch_norm_backward_graph",
+    "batch_norm_inference",
+    "BatchNorm",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_input(x: object, name: str = "x") -> np.ndarray:
+    """Return ``x`` as a floating-point array of shape (N, C, *), or raise a clear error."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array of shape (N, C, *), got {type(x).__name__}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array (float16, float32 or float64), "
+            f"got dtype {x.dtype}"
+        )
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape (N, C) or (N, C, *spatial), got a {x.ndim}-D array of "
+            f"shape {x.shape}"
+        )
+    return x
+
+
+def _check_per_channel(name: str, value: object, channels: int) -> np.ndarray | None:
+    """Return ``value`` as a float64 vector of length ``channels`` (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.shape != (channels,):
+        raise ValueError(
+            f"{name} must have shape ({channels},), one value per channel, got shape {array.shape}"
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"{name} must be floating point, got dtype {array.dtype}")
+    return array.astype(np.float64, copy=False)
+
+
+def _values_per_channel(x: np.ndarray) -> int:
+    """How many values each channel's statistics are computed over: N times the spatial size."""
+    return x.size // x.shape[1]
+
+
+def _check_enough_values(x: np.ndarray) -> None:
+    if _values_per_channel(x) <= 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input of shape "
+            f"{x.shape}: batch statistics of a single value are undefined"
+        )
+
+
+def _reduction_axes(x: np.ndarray) -> tuple[int, ...]:
+    """Every axis but the channel axis (1)."""
+    return (0, *range(2, x.ndim))
+
+
+def _per_channel(vector: np.ndarray, ndim: int) -> np.ndarray:
+    """Reshape a per-channel vector to ``(1, C, 1, ...)`` so that it broadcasts against x."""
+    return vector.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-mode transform
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchNormCache:
+    """What the backward passes need from a forward pass.
+
+    ``x_hat`` is the normalised input (in the input's dtype); ``mean``, ``var`` (biased) and
+    ``inv_std`` are float64 vectors with one value per channel; ``gamma`` is float64 (ones when
+    the layer has no affine step); ``x`` is the input, kept for the graph-based backward.
+    """
+
+    x: np.ndarray
+    x_hat: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    inv_std: np.ndarray
+    gamma: np.ndarray
+    eps: float
+
+
+def batch_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance of ``x``, accumulated in float64 (two passes).
+
+    Args:
+        x: array of shape (N, C) or (N, C, *spatial).
+
+    Returns:
+        ``(mean, var)``, float64 vectors of length C; ``var`` divides by the number of values
+        per channel (the biased estimate that batch norm normalises with).
+    """
+    x = _check_input(x)
+    axes = _reduction_axes(x)
+    mean = x.mean(axis=axes, dtype=np.float64)
+    centred = x - _per_channel(mean, x.ndim).astype(x.dtype)
+    var = np.square(centred, dtype=np.float64).mean(axis=axes)
+    return mean, var
+
+
+def batch_norm_forward(
+    x: np.ndarray,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    eps: float = 1e-5,
+) -> tuple[np.ndarray, BatchNormCache]:
+    """Batch-normalise ``x`` with its own batch statistics (training mode).
+
+    .. math::  y = \\gamma\\,\\frac{x - \\mu_B}{\\sqrt{\\sigma_B^2 + \\epsilon}} + \\beta
+
+    Args:
+        x: input of shape (N, C) or (N, C, *spatial), any floating dtype.
+        gamma: scale, shape (C,), or ``None`` for no scaling (a layer with ``affine=False``).
+        beta: shift, shape (C,), or ``None`` for no shift.
+        eps: added to the variance for numerical stability.
+
+    Returns:
+        ``(y, cache)``: ``y`` has the shape and dtype of ``x``; ``cache`` is what
+        :func:`batch_norm_backward` needs.
+
+    Raises:
+        ValueError: wrong rank, a parameter of the wrong size, or a single value per channel.
+        TypeError: a non-floating input.
+    """
+    x = _check_input(x)
+    channels = x.shape[1]
+    gamma64 = _check_per_channel("gamma", gamma, channels)
+    beta64 = _check_per_channel("beta", beta, channels)
+    _check_enough_values(x)
+
+    mean, var = batch_statistics(x)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    ndim = x.ndim
+    x_hat = (x - _per_channel(mean, ndim).astype(x.dtype)) * _per_channel(inv_std, ndim).astype(
+        x.dtype
+    )
+    y = x_hat
+    if gamma64 is not None:
+        y = y * _per_channel(gamma64, ndim).astype(x.dtype)
+    if beta64 is not None:
+        y = y + _per_channel(beta64, ndim).astype(x.dtype)
+    if y is x_hat:
+        y = x_hat.copy()
+    scale = gamma64 if gamma64 is not None else np.ones(channels)
+    cache = BatchNormCache(x=x, x_hat=x_hat, mean=mean, var=var, inv_std=inv_std, gamma=scale,
+                           eps=eps)
+    return y, cache
+
+
+def _check_upstream(dy: object, cache: BatchNormCache) -> np.ndarray:
+    dy = _check_input(dy, "dy")
+    if dy.shape != cache.x.shape:
+        raise ValueError(
+            f"dy must have the shape of the forward input {cache.x.shape}, got {dy.shape}"
+        )
+    return dy
+
+
+def batch_norm_backward(
+    dy: np.ndarray, cache: BatchNormCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of the training-mode transform, in the compact closed form.
+
+    With :math:`g = \\partial L/\\partial y`, :math:`m` values per channel and sums over them,
+
+    .. math::
+
+        \\frac{\\partial L}{\\partial \\beta} = \\sum g, \\qquad
+        \\frac{\\partial L}{\\partial \\gamma} = \\sum g\\,\\hat x, \\qquad
+        \\frac{\\partial L}{\\partial x} = \\frac{\\gamma}{m\\sqrt{\\sigma_B^2+\\epsilon}}
+        \\Big(m\\,g - \\sum g - \\hat x \\sum g\\,\\hat x\\Big).
+
+    Args:
+        dy: upstream gradient, the shape of the forward input.
+        cache: the cache returned by :func:`batch_norm_forward`.
+
+    Returns:
+        ``(dx, dgamma, dbeta)``: ``dx`` in the input's dtype, the others float64 of shape (C,).
+    """
+    dy = _check_upstream(dy, cache)
+    axes = _reduction_axes(dy)
+    ndim = dy.ndim
+    m = _values_per_channel(dy)
+    x_hat = cache.x_hat
+    dbeta = dy.sum(axis=axes, dtype=np.float64)
+    dgamma = np.multiply(dy, x_hat, dtype=np.float64).sum(axis=axes)
+    scale = cache.gamma * cache.inv_std
+    dtype = cache.x.dtype
+    dx = dy * _per_channel(scale, ndim).astype(dtype)
+    dx -= x_hat * _per_channel(scale * dgamma / m, ndim).astype(dtype)
+    dx -= _per_channel(scale * dbeta / m, ndim).astype(dtype)
+    return dx.astype(dtype, copy=False), dgamma, dbeta
+
+
+def batch_norm_backward_graph(
+    dy: np.ndarray, cache: BatchNormCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same gradients as :func:`batch_norm_backward`, one graph node at a time.
+
+    The forward pass as a computational graph (per channel, sums over the m values)::
+
+        mu = sum(x) / m            xc = x - mu             var = sum(xc**2) / m
+        std = sqrt(var + eps)      inv = 1 / std           x_hat = xc * inv
+        y = gamma * x_hat + beta
+
+    The backward pass visits the nodes in reverse order and applies the chain rule to each;
+    a node used twice (``xc`` feeds both ``var`` and ``x_hat``) sums the gradients from both.
+    Everything runs in float64; slower than the closed form, but each line is one derivative.
+    """
+    dy = _check_upstream(dy, cache)
+    axes = _reduction_axes(dy)
+    ndim = dy.ndim
+    m = _values_per_channel(dy)
+    g = dy.astype(np.float64)
+
+    # Recompute the forward nodes in float64.
+    x = cache.x.astype(np.float64)
+    mu = x.mean(axis=axes)
+    xc = x - _per_channel(mu, ndim)
+    var = np.mean(xc**2, axis=axes)
+    std = np.sqrt(var + cache.eps)
+    inv = 1.0 / std
+    x_hat = xc * _per_channel(inv, ndim)
+    gamma = _per_channel(cache.gamma, ndim)
+
+    # y = gamma * x_hat + beta
+    dbeta = g.sum(axis=axes)
+    dgamma = (g * x_hat).sum(axis=axes)
+    dx_hat = g * gamma
+    # x_hat = xc * inv
+    dxc = dx_hat * _per_channel(inv, ndim)
+    dinv = (dx_hat * xc).sum(axis=axes)
+    # inv = 1 / std
+    dstd = -dinv / std**2
+    # std = sqrt(var + eps)
+    dvar = dstd / (2.0 * std)
+    # var = sum(xc**2) / m: the second path into xc
+    dxc = dxc + 2.0 * xc * _per_channel(dvar, ndim) / m
+    # xc = x - mu
+    dx = dxc.copy()
+    dmu = -dxc.sum(axis=axes)
+    # mu = sum(x) / m
+    dx += _per_channel(dmu, ndim) / m
+    return dx.astype(cache.x.dtype), dgamma, dbeta
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation-mode transform
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_norm_inference(
+    x: np.ndarray,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
+    eps: float = 1e-5,
+) -> np.ndarray:
+    """Normalise ``x`` with fixed statistics: a per-channel affine map ``y = a * x + b``.
+
+    ``running_var`` is used as given (PyTorch stores the unbiased estimate there).
+    """
+    x = _check_input(x)
+    channels = x.shape[1]
+    mean = _check_per_channel("running_mean", running_mean, channels)
+    var = _check_per_channel("running_var", running_var, channels)
+    if mean is None or var is None:
+        raise ValueError("running_mean and running_var are required in evaluation mode")
+    gamma64 = _check_per_channel("gamma", gamma, channels)
+    beta64 = _check_per_channel("beta", beta, channels)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    scale = inv_std if gamma64 is None else gamma64 * inv_std
+    shift = 0.0 if beta64 is None else beta64
+    ndim = x.ndim
+    centred = x - _per_channel(mean, ndim).astype(x.dtype)
+    y = centred * _per_channel(scale, ndim).astype(x.dtype)
+    return (y + _per_channel(shift + np.zeros(channels), ndim).astype(x.dtype)).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchNorm:
+    """A batch-norm layer with the semantics of ``torch.nn.BatchNorm1d/2d/3d``.
+
+    Args:
+        num_features: C, the number of channels (axis 1 of the input).
+        eps: added to the variance before the square root.
+        momentum: weight of the new batch in the running averages,
+            ``running = (1 - momentum) * running + momentum * batch`` (PyTorch's convention;
+            Keras calls ``1 - momentum`` its momentum). ``None`` gives a cumulative average
+            over all batches seen, weighting batch k by ``1 / k``.
+        affine: learn a scale ``weight`` (gamma, starts at 1) and shift ``bias`` (beta, starts
+            at 0); if False both are ``None``.
+        track_running_stats: keep ``running_mean`` (starts at 0), ``running_var`` (starts at
+            1; it stores the *unbiased* batch variance while training normalises with the biased
+            one) and ``num_batches_tracked``. If False, batch statistics are used in evaluation
+            mode too and the three buffers are ``None``.
+
+    Calling the layer runs the forward pass (training or evaluation mode, see :meth:`train`
+    and :meth:`eval`); :meth:`backward` returns dL/dx and stores ``grad_weight`` and
+    ``grad_bias``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ) -> None:
+        if not isinstance(num_features, (int, np.integer)) or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if eps <= 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.training = True
+        self.weight: np.ndarray | None = np.ones(num_features) if affine else None
+        self.bias: np.ndarray | None = np.zeros(num_features) if affine else None
+        self.grad_weight: np.ndarray | None = None
+        self.grad_bias: np.ndarray | None = None
+        self.running_mean: np.ndarray | None = None
+        self.running_var: np.ndarray | None = None
+        self.num_batches_tracked: int | None = None
+        if track_running_stats:
+            self.reset_running_stats()
+        self._cache: BatchNormCache | None = None
+        self._eval_scale: np.ndarray | None = None
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batches tracked."""
+        self.running_mean = np.zeros(self.num_features)
+        self.running_var = np.ones(self.num_features)
+        self.num_batches_tracked = 0
+
+    def train(self, mode: bool = True) -> BatchNorm:
+        """Training mode (batch statistics, running averages updated); returns the layer."""
+        self.training = mode
+        return self
+
+    def eval(self) -> BatchNorm:
+        """Evaluation mode (running statistics, if tracked); returns the layer."""
+        return self.train(False)
+
+    def _update_running_stats(self, cache: BatchNormCache, count: int) -> None:
+        assert self.running_mean is not None and self.running_var is not None
+        self.num_batches_tracked += 1
+        momentum = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        unbiased_var = cache.var * count / (count - 1)
+        self.running_mean = (1.0 - momentum) * self.running_mean + momentum * cache.mean
+        self.running_var = (1.0 - momentum) * self.running_var + momentum * unbiased_var
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalise ``x`` of shape (N, C) or (N, C, *spatial) with C = ``num_features``."""
+        x = _check_input(x)
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"x must have {self.num_features} channels on axis 1 (num_features), got "
+                f"shape {x.shape}"
+            )
+        use_batch_stats = self.training or not self.track_running_stats
+        if use_batch_stats:
+            y, cache = batch_norm_forward(x, self.weight, self.bias, self.eps)
+            if self.training and self.track_running_stats:
+                self._update_running_stats(cache, _values_per_channel(x))
+            self._cache, self._eval_scale = cache, None
+            return y
+        self._cache = None
+        self._eval_scale = 1.0 / np.sqrt(self.running_var + self.eps)
+        self._eval_input = x
+        return batch_norm_inference(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+        )
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Gradient with respect to the last forward input; stores ``grad_weight``/``grad_bias``.
+
+        After a forward pass with batch statistics this is the closed form of
+        :func:`batch_norm_backward`; after one with running statistics the transform is a fixed
+        affine map and dx is simply ``gamma / sqrt(running_var + eps) * dy``.
+        """
+        if self._cache is not None:
+            dx, dgamma, dbeta = batch_norm_backward(dy, self._cache)
+        elif self._eval_scale is not None:
+            x = self._eval_input
+            dy = _check_input(dy, "dy")
+            if dy.shape != x.shape:
+                raise ValueError(f"dy must have the shape of the forward input {x.shape}")
+            axes = _reduction_axes(x)
+            ndim = x.ndim
+            x_hat = (x - _per_channel(self.running_mean, ndim)) * _per_channel(self._eval_scale, ndim)
+            dbeta = dy.sum(axis=axes, dtype=np.float64)
+            dgamma = np.multiply(dy, x_hat, dtype=np.float64).sum(axis=axes)
+            gamma = self.weight if self.weight is not None else np.ones(self.num_features)
+            dx = (dy * _per_channel(gamma * self._eval_scale, ndim)).astype(x.dtype)
+        else:
+            raise RuntimeError("backward called before forward")
+        if self.affine:
+            self.grad_weight, self.grad_bias = dgamma, dbeta
+        return dx
+
+    def parameters(self) -> list[np.ndarray]:
+        """The learnable arrays, ``[weight, bias]`` (empty without the affine step)."""
+        return [self.weight, self.bias] if self.affine else []
+
+    def state_dict(self) -> dict[str, np.ndarray | int]:
+        """The layer's state under PyTorch's keys (``weight``, ``bias``, ``running_mean``, ...)."""
+        state: dict[str, np.ndarray | int] = {}
+        if self.affine:
+            state["weight"], state["bias"] = self.weight.copy(), self.bias.copy()
+        if self.track_running_stats:
+            state["running_mean"] = self.running_mean.copy()
+            state["running_var"] = self.running_var.copy()
+            state["num_batches_tracked"] = self.num_batches_tracked
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state dict with PyTorch's keys; values may be arrays or CPU tensors."""
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise KeyError(
+                f"state must have exactly the keys {sorted(expected)}, got {sorted(state)}"
+            )
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            if key in state:
+                value = np.asarray(state[key], dtype=np.float64).copy()
+                _check_per_channel(key, value, self.num_features)
+                setattr(self, key, value)
+        if "num_batches_tracked" in state:
+            self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats})"
+        )
