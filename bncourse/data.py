@@ -9,6 +9,8 @@ Everything here works without a network connection:
   have them on disk (nothing is downloaded).
 * :class:`BatchSampler` and :func:`iterate_minibatches` yield shuffled index arrays, epoch after
   epoch, deterministically from a seed; the training loop of :mod:`bncourse.training` uses them.
+* :func:`make_shift_data` generates a two-feature population and a shifted one (a change of
+  location and scale, or a change of shape) for the covariate-shift examples of chapter 1.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ __all__ = [
     "MNIST_FILES",
     "BatchSampler",
     "iterate_minibatches",
+    "SHIFTS",
+    "ShiftData",
+    "make_shift_data",
+    "shift_labels",
 ]
 
 # Smallest per-pixel standard deviation used when standardising: constant pixels (the digits'
@@ -550,3 +556,131 @@ class BatchSampler:
         """Return the first ``num_batches`` batches that iterating would yield."""
         iterator = iter(self)
         return [next(iterator) for _ in range(num_batches)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated populations for the covariate-shift examples (chapter 1).
+
+SHIFTS: tuple[str, ...] = ("none", "location_scale", "shape")
+"""The kinds of shift :func:`make_shift_data` generates."""
+
+SHIFT_SCALE = np.array([2.0, 0.5])
+"""Per-feature scale ``a`` of the shifted populations (``x = a * ... + b``)."""
+SHIFT_LOCATION = np.array([1.5, -1.0])
+"""Per-feature location ``b`` of the shifted populations."""
+SHAPE_JUMP = 2.0
+"""Size ``c`` of the jump that splits each feature into two modes in the ``"shape"`` shift."""
+SHAPE_KNEE = 0.5
+"""Latent value ``k`` at which the ``"shape"`` shift jumps."""
+
+
+class ShiftData(NamedTuple):
+    """A source population and a shifted one, drawn by :func:`make_shift_data`.
+
+    Attributes
+    ----------
+    x_source : np.ndarray, float64, shape (n_source, 2)
+        Features of the source population.
+    y_source : np.ndarray, int64, shape (n_source,)
+        Labels (0 or 1) of the source population.
+    x_shifted : np.ndarray, float64, shape (n_shifted, 2)
+        Features of the shifted population.
+    y_shifted : np.ndarray, int64, shape (n_shifted,)
+        Labels of the shifted population.
+    z_shifted : np.ndarray, float64, shape (n_shifted, 2)
+        The latent values behind ``x_shifted`` (for plots and checks).
+    """
+
+    x_source: np.ndarray
+    y_source: np.ndarray
+    x_shifted: np.ndarray
+    y_shifted: np.ndarray
+    z_shifted: np.ndarray
+
+
+def shift_labels(z: np.ndarray) -> np.ndarray:
+    """The labelling rule of :func:`make_shift_data`: ``1`` where ``z[:, 0] + z[:, 1] > 0``.
+
+    Parameters
+    ----------
+    z : np.ndarray, shape (N, 2)
+        Latent values.
+
+    Returns
+    -------
+    np.ndarray, int64, shape (N,)
+    """
+    z = np.asarray(z)
+    return (z[:, 0] + z[:, 1] > 0).astype(np.int64)
+
+
+def make_shift_data(
+    shift: str = "location_scale",
+    n_source: int = 2000,
+    n_shifted: int = 2000,
+    seed: int = 0,
+) -> ShiftData:
+    """Draw a source population and a shifted population of two-feature, two-class examples.
+
+    Every example has a latent ``z ~ N(0, I_2)`` and the label ``y = [z_1 + z_2 > 0]``
+    (:func:`shift_labels`); the classes are balanced. What a model sees are the features ``x``:
+
+    * source population: ``x = z``;
+    * ``shift="none"``: the shifted population is a fresh draw of the source, ``x = z``;
+    * ``shift="location_scale"``: ``x = a * z + b`` per feature, with ``a = SHIFT_SCALE =
+      (2, 0.5)`` and ``b = SHIFT_LOCATION = (1.5, -1)``, so the features move and stretch but
+      keep their shape (standardising each population with its own mean and standard deviation
+      gives back exactly the source distribution);
+    * ``shift="shape"``: ``x = a * (z + c * sign(z - k)) + b`` per feature, with ``c =
+      SHAPE_JUMP = 2`` and ``k = SHAPE_KNEE = 0.5``: a monotone map (no information is lost)
+      that splits each unimodal feature into two unequal modes, then the same location and
+      scale change. Standardising fixes the mean and the variance, not the two modes.
+
+    It is the situation of a layer whose inputs are produced by a layer below that has
+    changed: the same kind of example arrives, transformed.
+
+    Parameters
+    ----------
+    shift : {"none", "location_scale", "shape"}, default "location_scale"
+        The kind of shift.
+    n_source, n_shifted : int, default 2000
+        Sizes of the two populations.
+    seed : int, default 0
+        Seed of both draws (the source draw is the same for every ``shift``).
+
+    Returns
+    -------
+    ShiftData
+        ``(x_source, y_source, x_shifted, y_shifted, z_shifted)``, features float64 of shape
+        (n, 2), labels int64 of shape (n,).
+
+    Examples
+    --------
+    >>> data = make_shift_data("shape", n_source=5, n_shifted=3, seed=0)
+    >>> data.x_source.shape, data.x_shifted.shape, data.y_shifted.dtype
+    ((5, 2), (3, 2), dtype('int64'))
+    """
+    if shift not in SHIFTS:
+        raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
+    for name, value in (("n_source", n_source), ("n_shifted", n_shifted)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    source_rng, shifted_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2)
+    )
+    z_source = source_rng.standard_normal((n_source, 2))
+    z_shifted = shifted_rng.standard_normal((n_shifted, 2))
+    if shift == "none":
+        x_shifted = z_shifted.copy()
+    elif shift == "location_scale":
+        x_shifted = SHIFT_SCALE * z_shifted + SHIFT_LOCATION
+    else:
+        bent = z_shifted + SHAPE_JUMP * np.sign(z_shifted - SHAPE_KNEE)
+        x_shifted = SHIFT_SCALE * bent + SHIFT_LOCATION
+    return ShiftData(
+        x_source=z_source.copy(),
+        y_source=shift_labels(z_source),
+        x_shifted=x_shifted,
+        y_shifted=shift_labels(z_shifted),
+        z_shifted=z_shifted,
+    )
