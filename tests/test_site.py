@@ -1,0 +1,555 @@
+"""The website, built from the current sources and read in a real browser.
+
+The site is built once per test session, from scratch, into a temporary folder (the README's
+build command with ``--path-output``, so every chapter executes afresh), then served on
+127.0.0.1 and opened page by page in headless Chromium (Debian's ``/usr/bin/chromium``, driven
+by Playwright's Python package; no browser download). Every page must load with no page error,
+no console error, no failed request and no request to any other host, all images loaded and all
+math typeset by the MathJax copy the site serves itself. Chapter pages also need their launch
+buttons and a working solution dropdown, and the search page must find chapter content.
+
+The solution-free site (``BNCOURSE_HIDE_SOLUTIONS=1``, see book/instructors.md) is built a
+second time from the first build's execution cache, so no notebook runs twice, and must hold
+no line of any reference solution and no way to the notebooks' sources.
+
+Chromium: ``sudo apt-get install -y chromium`` on Debian; ``.ci/run`` installs it in CI. Without
+it, the browser tests are skipped outside CI and fail in CI (where the variable ``CI`` is set).
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import http.server
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from conftest import _solution_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path(os.environ.get("BNCOURSE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = ROOT / "_build" / "screenshots"  # ignored by git
+BUILD_TIMEOUT = 900  # seconds; the book builds in under 5 minutes on 2 cores
+SEARCH_TERM = "momentum"
+HOST = "127.0.0.1"
+
+# Console messages of level "error" that upstream code emits and that we cannot fix, with the
+# reason each one is harmless: (regular expression, reason). Empty: the site is clean.
+ALLOWED_CONSOLE_ERRORS: list[tuple[str, str]] = []
+
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+REPOSITORY = CONFIG["repository"]["url"].rstrip("/")
+
+
+# --- what the table of contents holds ---------------------------------------------------------
+
+
+def _toc_files(entry) -> Iterator[str]:
+    if isinstance(entry, dict):
+        if "file" in entry:
+            yield entry["file"]
+        for key in ("root", "parts", "chapters", "sections"):
+            if key in entry:
+                value = entry[key]
+                if isinstance(value, str):
+                    yield value
+                else:
+                    for item in value:
+                        yield from _toc_files(item)
+    elif isinstance(entry, list):
+        for item in entry:
+            yield from _toc_files(item)
+
+
+def _source(docname: str) -> Path:
+    for suffix in (".ipynb", ".md"):
+        if (ROOT / (docname + suffix)).is_file():
+            return ROOT / (docname + suffix)
+    raise FileNotFoundError(f"_toc.yml lists {docname}, which has no .ipynb or .md source")
+
+
+DOCNAMES = [name.removesuffix(".md").removesuffix(".ipynb") for name in _toc_files(
+    yaml.safe_load((ROOT / "_toc.yml").read_text())
+)]
+CHAPTERS = [name for name in DOCNAMES if _source(name).suffix == ".ipynb"]
+# Every page of the site: the toc's documents and the pages Sphinx adds. index.html is Jupyter
+# Book's redirect to the root document.
+PAGES = [*DOCNAMES, "genindex", "search", "index"]
+
+
+def _notebook(docname: str) -> dict:
+    return json.loads(_source(docname).read_text(encoding="utf-8"))
+
+
+# --- building ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Build:
+    output: Path  # what --path-output got
+    log: str
+    seconds: float
+
+    @property
+    def html(self) -> Path:
+        return self.output / "_build" / "html"
+
+
+def _jupyter_book() -> str:
+    local = Path(sys.executable).parent / "jupyter-book"
+    return str(local) if local.exists() else shutil.which("jupyter-book") or "jupyter-book"
+
+
+def build_site(output: Path, *options: str, **environment: str) -> Build:
+    """``jupyter-book build . -W -n --keep-going`` into ``output``; fails the test on an error."""
+    command = [_jupyter_book(), "build", str(ROOT), "-W", "-n", "--keep-going", *options]
+    command += ["--path-output", str(output)]
+    start = time.perf_counter()
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **environment},
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+    )
+    seconds = time.perf_counter() - start
+    log = result.stdout + result.stderr
+    if result.returncode != 0:
+        pytest.fail(f"the site did not build ({' '.join(command)}):\n{log[-6000:]}")
+    return Build(output, log, seconds)
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory) -> Build:
+    """The website built from scratch (fresh execution cache) from the current sources."""
+    build = build_site(tmp_path_factory.mktemp("site"))
+    print(f"\nbuilt the site in {build.seconds:.0f} s into {build.html}")
+    return build
+
+
+@pytest.fixture(scope="session")
+def site_without_solutions(site: Build, tmp_path_factory) -> Build:
+    """The solution-free site, built the way book/instructors.md says, over a copy of the full
+    build: its execution cache spares running the notebooks again, and whatever the full site
+    published (page sources) must be gone."""
+    output = tmp_path_factory.mktemp("site-without-solutions")
+    shutil.copytree(site.output / "_build", output / "_build", symlinks=True)
+    build = build_site(output, "--all", BNCOURSE_HIDE_SOLUTIONS="1")
+    print(f"\nbuilt the solution-free site in {build.seconds:.0f} s into {build.html}")
+    return build
+
+
+def _html_pages(html_dir: Path) -> list[str]:
+    return sorted(
+        path.relative_to(html_dir).with_suffix("").as_posix()
+        for path in html_dir.rglob("*.html")
+        if not path.relative_to(html_dir).parts[0].startswith("_")
+    )
+
+
+# --- serving and browsing ---------------------------------------------------------------------
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        pass
+
+
+@pytest.fixture(scope="session")
+def server(site: Build) -> Iterator[str]:
+    """The built site served on 127.0.0.1; yields the base address."""
+    handler = functools.partial(_QuietHandler, directory=str(site.html))
+    httpd = http.server.ThreadingHTTPServer((HOST, 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://{HOST}:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _require_chromium() -> None:
+    missing = []
+    if not CHROMIUM.exists():
+        missing.append(f"Chromium ({CHROMIUM})")
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("the playwright package (pip install -r requirements.txt)")
+    if not missing:
+        return
+    message = (
+        f"the browser tests need {' and '.join(missing)}. Install Chromium with "
+        "`sudo apt-get install -y chromium` (Debian; never `playwright install`), or point "
+        "BNCOURSE_CHROMIUM at a Chromium binary."
+    )
+    if os.environ.get("CI"):
+        pytest.fail(message + " In CI, .ci/run installs it.")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def browser(server):
+    _require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+        )
+        yield chromium
+        chromium.close()
+
+
+@dataclass
+class Visit:
+    """What happened while a page loaded."""
+
+    page_errors: list[str] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+    failed_requests: list[str] = field(default_factory=list)
+    foreign_requests: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def open_page(browser, server):
+    """Open a page of the site in a fresh browser context; returns (page, Visit)."""
+    contexts = []
+
+    def open_(path: str):
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        contexts.append(context)
+        visit = Visit()
+
+        def route(route):
+            url = route.request.url
+            if urlsplit(url).scheme in ("http", "https") and urlsplit(url).hostname != HOST:
+                visit.foreign_requests.append(url)
+                route.abort()
+            else:
+                route.continue_()
+
+        context.route("**/*", route)
+        page = context.new_page()
+        page.on("pageerror", lambda error: visit.page_errors.append(str(error)))
+        page.on(
+            "console",
+            lambda message: visit.console_errors.append(f"{message.text} ({message.location})")
+            if message.type == "error"
+            else None,
+        )
+        page.on(
+            "requestfailed",
+            lambda request: visit.failed_requests.append(f"{request.url}: {request.failure}")
+            if urlsplit(request.url).hostname == HOST
+            else None,
+        )
+        page.on(
+            "response",
+            lambda response: visit.failed_requests.append(f"{response.url}: {response.status}")
+            if response.status >= 400
+            else None,
+        )
+        page.goto(server + path, wait_until="load")
+        page.wait_for_load_state("networkidle")
+        return page, visit
+
+    yield open_
+    for context in contexts:
+        context.close()
+
+
+def _allowed(message: str) -> bool:
+    return any(re.search(pattern, message) for pattern, _reason in ALLOWED_CONSOLE_ERRORS)
+
+
+def _wait_for_mathjax(page) -> str | None:
+    """Wait until MathJax has typeset the page; returns a problem, or None."""
+    if not page.evaluate("() => document.querySelector('.math, mjx-container') !== null"):
+        return None
+    loaded = page.evaluate("() => !!(window.MathJax && window.MathJax.startup)")
+    if not loaded:
+        return "the page has math but MathJax did not load"
+    page.wait_for_function(
+        "() => window.MathJax.startup.promise !== undefined", timeout=30_000
+    )
+    page.evaluate("() => window.MathJax.startup.promise.then(() => true)")
+    return None
+
+
+_MATH_PROBLEMS = """() => {
+  const problems = [];
+  for (const element of document.querySelectorAll('span.math, div.math')) {
+    if (!element.querySelector('mjx-container')) {
+      problems.push('not typeset: ' + element.textContent.trim().slice(0, 80));
+    }
+  }
+  for (const error of document.querySelectorAll('mjx-merror, [data-mjx-error]')) {
+    const text = error.getAttribute('data-mjx-error') || error.textContent;
+    problems.push('MathJax error: ' + text.trim().slice(0, 120));
+  }
+  return problems;
+}"""
+
+_BROKEN_IMAGES = """async () => {
+  window.scrollTo(0, document.body.scrollHeight);
+  const images = Array.from(document.images);
+  await Promise.all(images.map(image => image.decode().catch(() => null)));
+  window.scrollTo(0, 0);
+  return images
+    .filter(image => !(image.complete && image.naturalWidth > 0))
+    .map(image => image.getAttribute('src'));
+}"""
+
+
+def _page_path(name: str) -> str:
+    return f"{name}.html"
+
+
+# --- static checks (no build) -----------------------------------------------------------------
+
+
+def test_toc_sources_exist():
+    assert DOCNAMES, "_toc.yml lists no document"
+    for name in DOCNAMES:
+        _source(name)
+
+
+@pytest.mark.parametrize("docname", CHAPTERS)
+def test_chapter_starts_with_the_hidden_colab_cell(docname: str):
+    """The first code cell installs bncourse in Colab only, and is removed from the site."""
+    cells = [cell for cell in _notebook(docname)["cells"] if cell["cell_type"] == "code"]
+    assert cells, f"{docname} has no code cell"
+    first = cells[0]
+    source = "".join(first["source"])
+    assert "google.colab" in source and "pip" in source, (
+        f"{docname}: the first code cell is not the Colab set-up cell (CONTRIBUTING.md)"
+    )
+    assert "remove-cell" in first["metadata"].get("tags", []), (
+        f"{docname}: the Colab set-up cell must be tagged remove-cell"
+    )
+
+
+def test_pages_workflow_runs_the_readme_build_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    build = next(command for command in commands if "jupyter-book build" in command)
+    workflow = (ROOT / ".github" / "workflows" / "pages.yml").read_text()
+    assert build in workflow, "the Pages workflow must build with the README's command"
+    for action in ("upload-pages-artifact", "deploy-pages"):
+        assert f"actions/{action}@" in workflow
+
+
+def test_local_builds_are_incremental():
+    """The README's build reuses _build/.jupyter_cache; the tests build into a fresh folder."""
+    assert CONFIG["execute"]["execute_notebooks"] == "cache"
+
+
+def _load_extension():
+    path = ROOT / "book" / "_ext" / "bncourse_site.py"
+    spec = importlib.util.spec_from_file_location("bncourse_site", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bncourse_site", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_exercise_table_reads_kinds_points_and_minutes(tmp_path: Path):
+    extension = _load_extension()
+
+    def markdown(text):
+        return {"cell_type": "markdown", "metadata": {}, "source": text}
+
+    def code(grade_id, **nbgrader):
+        return {
+            "cell_type": "code",
+            "metadata": {"nbgrader": {"grade_id": grade_id, **nbgrader}},
+            "source": "",
+            "outputs": [],
+        }
+
+    notebook = {
+        "cells": [
+            markdown("# Chapter `two`\n\nText."),
+            markdown("```{exercise} Forward pass\n:label: ex-2-1\n\nWrite it *(about 15 minutes)*.\n```"),
+            markdown("```{solution} ex-2-1\n:label: sol-2-1\n:class: dropdown\n\n(about 99 minutes)\n```"),
+            code("ex-2-1-solution", solution=True, grade=False),
+            code("ex-2-1-test", solution=False, grade=True, points=3),
+            markdown("````{exercise} Why?\n:label: ex-2-2\n\nExplain.\n````"),
+        ]
+    }
+    path = tmp_path / "ch2.ipynb"
+    path.write_text(json.dumps(notebook))
+    title, exercises = extension.read_exercises(path)
+    assert title == "Chapter `two`"
+    assert [(e.label, e.kind, e.points, e.estimate) for e in exercises] == [
+        ("ex-2-1", "coding", 3.0, 15),
+        ("ex-2-2", "conceptual", 0.0, extension.DEFAULT_MINUTES["conceptual"]),
+    ]
+
+
+# --- the built site in the browser -------------------------------------------------------------
+
+
+def test_every_page_of_the_site_is_checked(site: Build):
+    assert sorted(PAGES) == _html_pages(site.html), "pages built vs pages checked by this test"
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PAGES)
+def test_page_loads_cleanly_offline(name: str, open_page):
+    page, visit = open_page(_page_path(name))
+    math_problem = _wait_for_mathjax(page)
+    problems = [f"page error: {error}" for error in visit.page_errors]
+    problems += [f"console error: {m}" for m in visit.console_errors if not _allowed(m)]
+    problems += [f"failed request: {request}" for request in visit.failed_requests]
+    problems += [f"request to another host: {url}" for url in visit.foreign_requests]
+    problems += [f"image not loaded: {src}" for src in page.evaluate(_BROKEN_IMAGES)]
+    problems += [math_problem] if math_problem else []
+    problems += page.evaluate(_MATH_PROBLEMS)
+    assert not problems, f"{name}:\n" + "\n".join(problems)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_chapter_page(name: str, open_page):
+    """Launch buttons, the repository button, solution dropdowns that open; a screenshot."""
+    page, visit = open_page(_page_path(name))
+    notebook = f"{name}.ipynb"
+    colab = page.locator(f'a[href^="https://colab.research.google.com/"][href$="{notebook}"]')
+    binder = page.locator(f'a[href^="https://mybinder.org/"][href$="{notebook}"]')
+    assert colab.count() == 1 and binder.count() == 1, f"{name}: launch buttons missing"
+    page.locator(".dropdown-launch-buttons button").first.click()
+    colab.wait_for(state="visible", timeout=5_000)
+    binder.wait_for(state="visible", timeout=5_000)
+    assert page.locator(f'a[href="{REPOSITORY}"]').count() >= 1, "repository button missing"
+    assert "google.colab" not in page.content(), f"{name}: the Colab set-up cell is shown"
+
+    solutions = page.locator("div.solution.dropdown")
+    expected = sum("{solution}" in "".join(c["source"]) for c in _notebook(name)["cells"])
+    assert solutions.count() == expected, f"{name}: {solutions.count()} solution dropdowns"
+    for index in range(solutions.count()):
+        solution = solutions.nth(index)
+        content = solution.locator("section#solution-content")
+        assert content.is_hidden(), f"{name}: solution {index + 1} is not collapsed"
+        solution.locator("button.toggle-button").click()
+        content.wait_for(state="visible", timeout=5_000)
+
+    _wait_for_mathjax(page)
+    page.evaluate("() => { document.activeElement?.blur(); window.scrollTo(0, 0); }")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shot = SCREENSHOTS / f"{name.replace('/', '_')}.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    assert not visit.page_errors, visit.page_errors
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_search_finds_chapter_content(open_page):
+    page, visit = open_page(f"search.html?q={SEARCH_TERM}")
+    page.wait_for_function(
+        "() => /Search finished/.test(document.querySelector('#search-results')?.textContent)",
+        timeout=30_000,
+    )
+    found = page.locator("#search-results ul.search li a").evaluate_all(
+        "links => links.map(link => link.getAttribute('href'))"
+    )
+    assert found, f"searching {SEARCH_TERM!r} found nothing"
+    found_pages = {re.sub(r"\.html.*$", "", href) for href in found}
+    if "book/ch4_inference" in DOCNAMES:  # the chapter about momentum conventions
+        assert "book/ch4_inference" in found_pages, found_pages
+    assert found_pages <= set(PAGES), found_pages
+    assert not visit.page_errors and not visit.foreign_requests
+
+
+# --- the solution-free site --------------------------------------------------------------------
+
+
+def _normalise(text: str) -> str:
+    """Text as it reads, for comparing a notebook's source lines with rendered HTML."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)  # markdown links
+    text = re.sub(r"\\[()\[\]]|[`*$]", "", text)  # code spans, emphasis, math delimiters
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _page_text(path: Path) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", text, flags=re.S)
+    return _normalise(html.unescape(re.sub(r"<[^>]+>", "", text)))
+
+
+def _site_text(build: Build) -> str:
+    texts = [_page_text(path) for path in build.html.rglob("*.html")]
+    texts.append(_normalise((build.html / "searchindex.js").read_text(encoding="utf-8")))
+    return "\n".join(texts)
+
+
+def _solution_texts(docname: str) -> set[str]:
+    lines = {_normalise(line) for line in _solution_lines(_notebook(docname))}
+    return {line for line in lines if len(line) >= 12}  # short lines prove nothing
+
+
+CHAPTERS_WITH_SOLUTIONS = [name for name in CHAPTERS if _solution_texts(name)]
+
+
+@pytest.mark.slow
+def test_solution_free_site_has_no_solution(site: Build, site_without_solutions: Build):
+    full, hidden = _site_text(site), _site_text(site_without_solutions)
+    for name in CHAPTERS_WITH_SOLUTIONS:
+        lines = _solution_texts(name)
+        shown = {line for line in lines if line in full}
+        # the comparison works: the full site shows (most of) the same lines
+        assert len(shown) >= len(lines) / 2, f"{name}: {sorted(lines - shown)[:5]} not found"
+        leaked = sorted(line for line in lines if line in hidden)
+        assert not leaked, f"{name}: the solution-free site shows {leaked}"
+    for name in CHAPTERS:
+        page = (site_without_solutions.html / f"{name}.html").read_text(encoding="utf-8")
+        assert 'class="solution' not in page and "tag_solution" not in page, name
+        if any("{exercise}" in "".join(c["source"]) for c in _notebook(name)["cells"]):
+            assert 'class="exercise' in page, f"{name}: the exercises are gone too"
+
+
+@pytest.mark.slow
+def test_solution_free_site_exposes_no_notebook(site_without_solutions: Build):
+    html_dir = site_without_solutions.html
+    assert not (html_dir / "_sources").exists(), "page sources are published"
+    notebooks = [p.relative_to(html_dir).as_posix() for p in html_dir.rglob("*.ipynb")]
+    assert not notebooks, f"notebooks are published: {notebooks}"
+    for path in html_dir.rglob("*.html"):
+        text = path.read_text(encoding="utf-8")
+        links = re.findall(r'(?:href|src)="([^"]*)"', text)
+        for pattern in (r"\.ipynb$", r"_sources/", r"colab\.research", r"mybinder\.org",
+                        rf"^{re.escape(REPOSITORY)}(/(blob|tree|edit|raw)/|/?$)"):
+            exposed = [link for link in links if re.search(pattern, link)]
+            assert not exposed, f"{path.name} links to the sources: {exposed}"
+        assert "btn-download" not in text, f"{path.name} has a download button"
+
+
+@pytest.mark.slow
+def test_solution_free_build_reuses_the_execution_cache(site_without_solutions: Build):
+    executed = re.findall(r"(\S+\.ipynb): Executing notebook", site_without_solutions.log)
+    assert not executed, f"the solution-free build ran notebooks again: {executed}"
