@@ -44,6 +44,8 @@ __all__ = [
 
 def _check_input(x: object, name: str = "x") -> np.ndarray:
     """Return ``x`` as a floating-point array of shape (N, C, *), or raise a clear error."""
+    if isinstance(x, np.generic):  # a NumPy scalar: a 0-D array, refused below for its rank
+        x = np.asarray(x)
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array of shape (N, C, *), got {type(x).__name__}")
     if not np.issubdtype(x.dtype, np.floating):
@@ -119,6 +121,109 @@ class BatchNormCache:
     eps: float
 
 
+# Elementwise work on float32 data is done in slabs of whole samples of about this many values,
+# so that the float64 scratch of a slab (1 MiB) stays in the CPU's cache.
+_SLAB_VALUES = 1 << 17
+
+# Rows of at most this many values are summed in the working precision (float32 for float32
+# input, by the BLAS/SIMD kernels with several accumulators); the row sums are then added in
+# float64. Longer rows are split first. Only the backward pass sums this way.
+_ROW_LENGTH = 4096
+
+
+def _working_dtype(dtype: np.dtype) -> np.dtype:
+    """float64 stays float64; float32, float16 (and other floats) are computed in float32."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def _as_rows(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``a`` as (N, C, M), M the spatial size: a view, or a copy if non-contiguous or converted."""
+    return np.ascontiguousarray(a, dtype=dtype).reshape(a.shape[0], a.shape[1], -1)
+
+
+def _slabs(a3: np.ndarray) -> list[slice]:
+    """Slices of whole samples (axis 0) of about _SLAB_VALUES values each."""
+    n = a3.shape[0]
+    per_slab = max(1, _SLAB_VALUES // max(1, a3[0].size))
+    return [slice(start, min(start + per_slab, n)) for start in range(0, n, per_slab)]
+
+
+def _row_pieces(a3: np.ndarray) -> np.ndarray:
+    """``a3`` (N, C, M) viewed as (N, C, K, L) with rows of L <= _ROW_LENGTH values."""
+    n, c, m = a3.shape
+    length = m
+    if m > _ROW_LENGTH:
+        length = next((d for d in range(_ROW_LENGTH, 0, -1) if m % d == 0), 1)
+    return a3.reshape(n, c, m // length, length)
+
+
+def _channel_sum(a3: np.ndarray) -> np.ndarray:
+    """Per-channel sum of a contiguous (N, C, M) array, as float64 of shape (C,).
+
+    Each row (at most _ROW_LENGTH values) is summed by a matrix-vector product with a vector of
+    ones in ``a3``'s dtype; the row sums are accumulated in float64.
+    """
+    pieces = _row_pieces(a3)
+    if pieces.shape[-1] == 1:  # no spatial extent: one float64 reduction over the batch
+        return a3.sum(axis=(0, 2), dtype=np.float64)
+    row_sums = pieces @ np.ones(pieces.shape[-1], dtype=a3.dtype)
+    return row_sums.sum(axis=(0, 2), dtype=np.float64)
+
+
+def _channel_dot(a3: np.ndarray, b3: np.ndarray) -> np.ndarray:
+    """Per-channel sum of ``a3 * b3`` for contiguous (N, C, M) arrays, as float64 (C,).
+
+    Products are summed along each row (at most _ROW_LENGTH values) in one pass without a
+    temporary, by ``einsum``; the row sums are accumulated in float64.
+    """
+    pieces_a, pieces_b = _row_pieces(a3), _row_pieces(b3)
+    if pieces_a.shape[-1] == 1:
+        return np.multiply(a3, b3, dtype=np.float64).sum(axis=(0, 2))
+    row_sums = np.einsum("nckl,nckl->nck", pieces_a, pieces_b)
+    return row_sums.sum(axis=(0, 2), dtype=np.float64)
+
+
+def _centre(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centred input ``x - mean`` (N, C, M) in the working dtype, float64 ``mean`` and ``var``.
+
+    Two passes over ``x``, both accumulating in float64:
+
+    1. ``mean``: the sum of every row of the (N, C, M) view, in float64;
+    2. ``var``: slab by slab, ``x - mean`` is computed in float64 (the exact mean, so no
+       cancellation however large the mean is), its squares are summed in float64, and the
+       centred slab is stored, rounded once, in the working dtype.
+
+    A constant channel gives a centred channel of exact zeros.
+    """
+    dtype = _working_dtype(x.dtype)
+    x3 = _as_rows(x, dtype)
+    n, channels, m = x3.shape
+    count = n * m
+    if dtype == np.float64:
+        mean = x3.sum(axis=(0, 2)) / count
+        centred = np.subtract(x3, mean[:, None])
+        var = np.einsum("ncm,ncm->c", centred, centred) / count
+        return centred, mean, var
+
+    slabs = _slabs(x3)
+    scratch = np.empty((slabs[0].stop - slabs[0].start, channels, m))
+    ones = np.ones(m)
+    total = np.zeros(channels)
+    for slab in slabs:
+        work = scratch[: slab.stop - slab.start]
+        np.copyto(work, x3[slab])
+        total += (work @ ones).sum(axis=0)
+    mean = total / count
+    centred = np.empty_like(x3)
+    squares = np.zeros(channels)
+    for slab in slabs:
+        work = scratch[: slab.stop - slab.start]
+        np.subtract(x3[slab], mean[:, None], out=work)
+        squares += np.einsum("ncm,ncm->c", work, work)
+        np.copyto(centred[slab], work, casting="same_kind")
+    return centred, mean, squares / count
+
+
 def batch_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance of ``x``, accumulated in float64 (two passes).
 
@@ -127,13 +232,11 @@ def batch_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Returns:
         ``(mean, var)``, float64 vectors of length C; ``var`` divides by the number of values
-        per channel (the biased estimate that batch norm normalises with).
+        per channel (the biased estimate that batch norm normalises with). The variance is the
+        mean of squared deviations from the mean, never ``E[x^2] - E[x]^2``.
     """
     x = _check_input(x)
-    axes = _reduction_axes(x)
-    mean = x.mean(axis=axes, dtype=np.float64)
-    centred = x - _per_channel(mean, x.ndim).astype(x.dtype)
-    var = np.square(centred, dtype=np.float64).mean(axis=axes)
+    _, mean, var = _centre(x)
     return mean, var
 
 
@@ -160,6 +263,11 @@ def batch_norm_forward(
     Raises:
         ValueError: wrong rank, a parameter of the wrong size, or a single value per channel.
         TypeError: a non-floating input.
+
+    Notes:
+        The statistics are exact float64 two-pass ones (see :func:`batch_statistics`); the
+        normalisation runs in the working dtype (float32 for float32 and float16 input), in
+        place on the centred array that becomes ``cache.x_hat``.
     """
     x = _check_input(x)
     channels = x.shape[1]
@@ -167,22 +275,25 @@ def batch_norm_forward(
     beta64 = _check_per_channel("beta", beta, channels)
     _check_enough_values(x)
 
-    mean, var = batch_statistics(x)
+    d, mean, var = _centre(x)
     inv_std = 1.0 / np.sqrt(var + eps)
-    ndim = x.ndim
-    x_hat = (x - _per_channel(mean, ndim).astype(x.dtype)) * _per_channel(inv_std, ndim).astype(
-        x.dtype
-    )
-    y = x_hat
+    dtype = d.dtype
+    d *= inv_std.astype(dtype)[:, None]  # d is x_hat from here on
+    x_hat = d
     if gamma64 is not None:
-        y = y * _per_channel(gamma64, ndim).astype(x.dtype)
-    if beta64 is not None:
-        y = y + _per_channel(beta64, ndim).astype(x.dtype)
-    if y is x_hat:
+        y = np.multiply(x_hat, gamma64.astype(dtype)[:, None])
+        if beta64 is not None:
+            y += beta64.astype(dtype)[:, None]
+    elif beta64 is not None:
+        y = np.add(x_hat, beta64.astype(dtype)[:, None])
+    else:
         y = x_hat.copy()
+    y = y.reshape(x.shape).astype(x.dtype, copy=False)
+    x_hat = x_hat.reshape(x.shape).astype(x.dtype, copy=False)
     scale = gamma64 if gamma64 is not None else np.ones(channels)
-    cache = BatchNormCache(x=x, x_hat=x_hat, mean=mean, var=var, inv_std=inv_std, gamma=scale,
-                           eps=eps)
+    cache = BatchNormCache(
+        x=x, x_hat=x_hat, mean=mean, var=var, inv_std=inv_std, gamma=scale, eps=eps
+    )
     return y, cache
 
 
@@ -215,20 +326,22 @@ def batch_norm_backward(
 
     Returns:
         ``(dx, dgamma, dbeta)``: ``dx`` in the input's dtype, the others float64 of shape (C,).
+        The two sums are accumulated in float64; ``dx`` is computed in the working dtype
+        (float32 for float32 input) as ``scale * (g - mean(g) - x_hat * mean(g * x_hat))``.
     """
     dy = _check_upstream(dy, cache)
-    axes = _reduction_axes(dy)
-    ndim = dy.ndim
-    m = _values_per_channel(dy)
-    x_hat = cache.x_hat
-    dbeta = dy.sum(axis=axes, dtype=np.float64)
-    dgamma = np.multiply(dy, x_hat, dtype=np.float64).sum(axis=axes)
+    dtype = _working_dtype(cache.x.dtype)
+    g = _as_rows(dy, dtype)
+    x_hat = _as_rows(cache.x_hat, dtype)
+    count = g.shape[0] * g.shape[2]
+    dbeta = _channel_sum(g)
+    dgamma = _channel_dot(g, x_hat)
     scale = cache.gamma * cache.inv_std
-    dtype = cache.x.dtype
-    dx = dy * _per_channel(scale, ndim).astype(dtype)
-    dx -= x_hat * _per_channel(scale * dgamma / m, ndim).astype(dtype)
-    dx -= _per_channel(scale * dbeta / m, ndim).astype(dtype)
-    return dx.astype(dtype, copy=False), dgamma, dbeta
+    dx = np.multiply(x_hat, (dgamma / count).astype(dtype)[:, None])
+    dx += (dbeta / count).astype(dtype)[:, None]
+    np.subtract(g, dx, out=dx)
+    dx *= scale.astype(dtype)[:, None]
+    return dx.reshape(dy.shape).astype(cache.x.dtype, copy=False), dgamma, dbeta
 
 
 def batch_norm_backward_graph(
@@ -440,7 +553,9 @@ class BatchNorm:
                 raise ValueError(f"dy must have the shape of the forward input {x.shape}")
             axes = _reduction_axes(x)
             ndim = x.ndim
-            x_hat = (x - _per_channel(self.running_mean, ndim)) * _per_channel(self._eval_scale, ndim)
+            x_hat = (x - _per_channel(self.running_mean, ndim)) * _per_channel(
+                self._eval_scale, ndim
+            )
             dbeta = dy.sum(axis=axes, dtype=np.float64)
             dgamma = np.multiply(dy, x_hat, dtype=np.float64).sum(axis=axes)
             gamma = self.weight if self.weight is not None else np.ones(self.num_features)
