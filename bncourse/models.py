@@ -14,7 +14,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["HiddenBlock", "MLP", "make_mlp", "count_parameters", "ACTIVATIONS", "NORMS"]
+__all__ = [
+    "HiddenBlock",
+    "MLP",
+    "make_mlp",
+    "count_parameters",
+    "ACTIVATIONS",
+    "NORMS",
+    "ConvBlock",
+    "CNN",
+    "make_cnn",
+]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -277,3 +287,230 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     Buffers such as BN's running statistics are not parameters and are not counted.
     """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutional networks (chapter 5)
+
+
+def _batch_norm_2d_class(bn_impl: str) -> type[nn.Module]:
+    if bn_impl == "torch":
+        return nn.BatchNorm2d
+    if bn_impl == "bncourse":
+        from bncourse.torch_bn import BatchNorm2d
+
+        return BatchNorm2d
+    raise ValueError(f"bn_impl must be one of {BN_IMPLS}, got {bn_impl!r}")
+
+
+class ConvBlock(nn.Module):
+    """One convolutional block: ``pool(activation(norm(conv(x))))``.
+
+    Attributes
+    ----------
+    conv : nn.Conv2d
+        A 3x3 convolution with padding 1 (the spatial size is kept), weight of shape
+        (out_channels, in_channels, 3, 3).
+    norm : nn.Module or None
+        A ``BatchNorm2d(out_channels)`` (statistics per channel over batch and positions) or None.
+    activation : nn.Module
+        The elementwise nonlinearity.
+    pool : nn.Module
+        ``nn.MaxPool2d(2)`` (halves height and width) or ``nn.Identity()``.
+    """
+
+    def __init__(
+        self, conv: nn.Conv2d, norm: nn.Module | None, activation: nn.Module, pool: nn.Module
+    ):
+        super().__init__()
+        self.conv = conv
+        self.norm = norm
+        self.activation = activation
+        self.pool = pool
+
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """Input of the nonlinearity, ``norm(conv(x))``: (N, C_in, H, W) -> (N, C_out, H, W)."""
+        z = self.conv(x)
+        return z if self.norm is None else self.norm(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block: (N, C_in, H, W) -> (N, C_out, H', W') (H' = H // 2 when pooling)."""
+        return self.pool(self.activation(self.preactivation(x)))
+
+
+class CNN(nn.Module):
+    """A small convolutional classifier (build it with :func:`make_cnn`).
+
+    Flat inputs of shape (N, in_channels * H * W), such as the digits from
+    ``load_digits(flatten=True)``, are reshaped to images (N, in_channels, H, W) first; image
+    batches are used as they are.
+
+    Attributes
+    ----------
+    blocks : nn.ModuleList of ConvBlock
+        The convolutional blocks, first to last; each has ``.conv``, ``.norm`` (or None),
+        ``.activation`` and ``.pool``.
+    output : nn.Linear
+        The classifier on the flattened last feature maps, producing the logits.
+    input_shape : tuple of int
+        (in_channels, H, W).
+    num_classes : int
+    norm_name : str or None
+        The ``norm`` passed to :func:`make_cnn`.
+    """
+
+    def __init__(
+        self,
+        blocks: list[ConvBlock],
+        output: nn.Linear,
+        input_shape: tuple[int, int, int],
+        *,
+        norm: str | None = None,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.output = output
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = output.out_features
+        self.norm_name = norm
+
+    def _as_images(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:
+            return x.reshape(x.shape[0], *self.input_shape)
+        if x.ndim != 4:
+            raise ValueError(
+                f"CNN expects inputs of shape (N, {int(torch.tensor(self.input_shape).prod())}) "
+                f"or (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}"
+            )
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the batch: (N, C*H*W) or (N, C, H, W) -> (N, num_classes)."""
+        x = self._as_images(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.output(x.flatten(1))
+
+    def forward_with_preactivations(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and every block's pre-activation ``norm(conv(x))``, shape (N, C_k, H_k, W_k)."""
+        x = self._as_images(x)
+        preactivations = []
+        for block in self.blocks:
+            z = block.preactivation(x)
+            preactivations.append(z)
+            x = block.pool(block.activation(z))
+        return self.output(x.flatten(1)), preactivations
+
+    def extra_repr(self) -> str:
+        return f"input_shape={self.input_shape}, norm={self.norm_name!r}"
+
+
+CNN_NORMS: tuple[str | None, ...] = (None, "bn")
+"""The values of ``norm`` that :func:`make_cnn` accepts."""
+
+
+def make_cnn(
+    num_classes: int = 10,
+    channels: tuple[int, ...] = (16, 32, 64),
+    norm: str | None = None,
+    bias: bool | None = None,
+    bn_impl: str = "bncourse",
+    activation: str = "relu",
+    input_shape: tuple[int, int, int] = (1, 8, 8),
+    pool: bool = True,
+    seed: int | None = None,
+) -> CNN:
+    """Build a small CNN for 8x8 digits: conv blocks, then a linear classifier.
+
+    Each block is ``Conv2d(3x3, padding 1) -> [BatchNorm2d] -> activation -> [MaxPool2d(2)]``;
+    the last block's feature maps are flattened into a ``Linear`` layer that gives the logits.
+    With the defaults the feature maps are 16 x 8 x 8, 32 x 4 x 4 and 64 x 2 x 2 (before each
+    pooling), and the classifier sees the 64 values left after the last pooling.
+
+    Initialisation is PyTorch's default for ``nn.Conv2d`` and ``nn.Linear``; BN layers start at
+    gamma = 1, beta = 0, running mean 0 and running variance 1.
+
+    Parameters
+    ----------
+    num_classes : int, default 10
+        Number of logits.
+    channels : tuple of int, default (16, 32, 64)
+        Output channels of the blocks, one entry per block.
+    norm : {None, "bn"}, default None
+        No normalisation, or ``BatchNorm2d`` after every convolution (one gamma and beta per
+        channel).
+    bias : bool, optional
+        Whether the convolutions have a bias. None (automatic) means no bias when BN follows
+        (the batch mean would cancel it) and a bias otherwise. The output layer has a bias.
+    bn_impl : {"bncourse", "torch"}, default "bncourse"
+        :class:`bncourse.torch_bn.BatchNorm2d` or :class:`torch.nn.BatchNorm2d`.
+    activation : {"relu", "sigmoid", "tanh", "identity"}, default "relu"
+    input_shape : tuple (in_channels, H, W), default (1, 8, 8)
+        Shape of one image; with pooling H and W must be divisible by ``2 ** len(channels)``.
+    pool : bool, default True
+        Max-pool by 2 after every block.
+    seed : int, optional
+        If given, initialise from ``torch.manual_seed(seed)`` without disturbing the global
+        random state; if None, draw from the global generator.
+
+    Returns
+    -------
+    CNN
+        The model, on the CPU, in training mode.
+
+    Examples
+    --------
+    >>> model = make_cnn(norm="bn", seed=0)
+    >>> model(torch.randn(5, 64)).shape
+    torch.Size([5, 10])
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    channels = tuple(channels)
+    if not channels or not all(isinstance(c, int) and c >= 1 for c in channels):
+        raise ValueError(f"channels must be a non-empty tuple of positive ints, got {channels!r}")
+    if norm not in CNN_NORMS:
+        raise ValueError(f"norm must be one of {CNN_NORMS}, got {norm!r}")
+    if bias not in (None, True, False):
+        raise ValueError(f"bias must be None (automatic), True or False, got {bias!r}")
+    if bn_impl not in BN_IMPLS:
+        raise ValueError(f"bn_impl must be one of {BN_IMPLS}, got {bn_impl!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in input_shape):
+        raise ValueError(f"input_shape must be (in_channels, H, W), got {input_shape!r}")
+    factor = 2 ** len(channels) if pool else 1
+    if input_shape[1] % factor or input_shape[2] % factor:
+        raise ValueError(
+            f"with pool=True, H and W of input_shape {input_shape} must be divisible by "
+            f"2 ** len(channels) = {factor}"
+        )
+
+    batch_norm = _batch_norm_2d_class(bn_impl) if norm is not None else None
+    conv_bias = (norm is None) if bias is None else bias
+
+    def build() -> CNN:
+        blocks = []
+        in_channels, height, width = input_shape
+        for out_channels in channels:
+            conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=conv_bias)
+            bn = None if batch_norm is None else batch_norm(out_channels)
+            blocks.append(
+                ConvBlock(
+                    conv, bn, ACTIVATIONS[activation](), nn.MaxPool2d(2) if pool else nn.Identity()
+                )
+            )
+            in_channels = out_channels
+            if pool:
+                height, width = height // 2, width // 2
+        output = nn.Linear(in_channels * height * width, num_classes)
+        return CNN(blocks, output, input_shape, norm=norm)
+
+    if seed is None:
+        return build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
