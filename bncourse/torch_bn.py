@@ -514,9 +514,20 @@ class _BatchNorm(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _check_channels(self, input: Tensor) -> None:
+        """The input's channel count must be ``num_features`` (when the module has per-channel
+        tensors; without them, like PyTorch, any channel count is accepted)."""
+        has_per_channel = self.weight is not None or self.running_mean is not None
+        if has_per_channel and isinstance(input, Tensor) and input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}: expected input with {self.num_features} channels "
+                f"(num_features) on dimension 1, got input of shape {tuple(input.shape)}"
+            )
+
     def forward(self, input: Tensor) -> Tensor:
         """Normalise ``input`` of shape (N, C, *) per channel; returns the same shape."""
         self._check_input_dim(input)
+        self._check_channels(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
