@@ -99,3 +99,11 @@ def test_fold_cnn_matches_in_eval(digits):
     assert result.largest_logit_difference < 1e-4 * max(1.0, result.largest_logit)
     assert result.predictions_agree == 1.0
     assert model.training  # left in the mode it was in
+
+
+def test_initial_signal_scale():
+    scales = ch5.initial_signal_scale(batch_size=64, seed=0, channels=(4, 8, 8))
+    assert set(scales) == {None, "bn"}
+    assert len(scales[None].preactivation_std) == 3
+    np.testing.assert_allclose(scales["bn"].preactivation_std, 1.0, atol=2e-2)
+    assert scales[None].logit_std > 0

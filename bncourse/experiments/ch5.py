@@ -11,7 +11,8 @@
 * :func:`statistics_noise_experiment`: how far a mini-batch's statistics are from the
   population's when each is estimated from m * p * q values or from m.
 * :func:`train_cnn` / :func:`learning_rate_sweep`: the small CNN of :func:`bncourse.models.make_cnn`
-  on the digits, with and without BN.
+  on the digits, with and without BN; :func:`initial_signal_scale`: how the signal shrinks
+  through the untrained network without BN.
 * :func:`fold_cnn`: fold every conv + BN pair of a trained CNN for inference.
 """
 
@@ -43,6 +44,8 @@ __all__ = [
     "statistics_noise_experiment",
     "train_cnn",
     "learning_rate_sweep",
+    "SignalScale",
+    "initial_signal_scale",
     "fold_cnn",
     "FoldingResult",
     "folding_experiment",
@@ -480,6 +483,52 @@ def learning_rate_sweep(
                 )
                 results[(norm, lr, seed)] = history
     return results
+
+
+@dataclass
+class SignalScale:
+    """Spread of the signal through a freshly initialised CNN (see :func:`initial_signal_scale`).
+
+    Attributes
+    ----------
+    preactivation_std : list of float
+        Standard deviation of each block's pre-activation ``norm(conv(x))`` over the batch, all
+        channels and positions, first block first.
+    logit_std : float
+        Standard deviation of the logits.
+    """
+
+    preactivation_std: list[float]
+    logit_std: float
+
+
+@torch.no_grad()
+def initial_signal_scale(
+    norms: tuple[str | None, ...] = (None, "bn"),
+    batch_size: int = 256,
+    seed: int = 0,
+    channels: tuple[int, ...] = (16, 32, 64),
+) -> dict[str | None, SignalScale]:
+    """How large the signal is in each block of the untrained CNN, with and without BN.
+
+    One training-mode forward pass of :func:`bncourse.models.make_cnn` (``seed``) on the first
+    ``batch_size`` standardised training digits.
+
+    Returns
+    -------
+    dict of norm to SignalScale
+    """
+    data = load_digits(flatten=False)
+    x = torch.as_tensor(data.x_train[:batch_size])
+    result = {}
+    for norm in norms:
+        model = make_cnn(data.num_classes, channels=channels, norm=norm, seed=seed)
+        logits, preactivations = model.forward_with_preactivations(x)
+        result[norm] = SignalScale(
+            preactivation_std=[float(z.std()) for z in preactivations],
+            logit_std=float(logits.std()),
+        )
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
