@@ -447,6 +447,7 @@ def moments_under_weight_perturbation(
     width: int = 32,
     batch_size: int = 256,
     seed: int = 0,
+    device: torch.device | str | None = None,
 ) -> MomentsUnderPerturbation:
     """Perturb every weight upstream of the last hidden layer's nonlinearity; record its moments.
 
@@ -456,7 +457,8 @@ def moments_under_weight_perturbation(
     (0, 1). Each trial adds to every hidden ``Linear`` weight (and bias, without BN) Gaussian
     noise of standard deviation ``relative_size`` times that tensor's root-mean-square value, and
     measures the per-unit mean and standard deviation (biased) of the input to the last hidden
-    layer's sigmoid over the batch.
+    layer's sigmoid over the batch. The random draws are made on the CPU, so the perturbations
+    are the same on every ``device``.
 
     Returns
     -------
@@ -465,22 +467,22 @@ def moments_under_weight_perturbation(
     generator = torch.Generator().manual_seed(seed)
     data = load_digits(seed=seed)
     index = torch.randperm(data.num_train, generator=generator)[:batch_size]
-    x = torch.as_tensor(data.x_train, dtype=torch.float64)[index]
-    model = make_mlp(64, 10, depth=depth, width=width, norm=norm, seed=seed).double()
+    x = torch.as_tensor(data.x_train, dtype=torch.float64)[index].to(device)
+    model = make_mlp(64, 10, depth=depth, width=width, norm=norm, seed=seed).double().to(device)
     last_norm = model.hidden[-1].norm
     gamma = beta = None
     if norm == "bn":
         last_norm.weight.copy_(0.5 + 1.5 * torch.rand(width, generator=generator))
         last_norm.bias.copy_(torch.randn(width, generator=generator))
-        gamma = last_norm.weight.numpy().copy()
-        beta = last_norm.bias.numpy().copy()
+        gamma = last_norm.weight.cpu().numpy().copy()
+        beta = last_norm.bias.cpu().numpy().copy()
     upstream = [p for block in model.hidden for p in block.linear.parameters()]
     original = [p.clone() for p in upstream]
 
     def last_moments() -> tuple[np.ndarray, np.ndarray]:
         _, preactivations = model.forward_with_preactivations(x)
         z = preactivations[-1]
-        return z.mean(dim=0).numpy(), z.std(dim=0, unbiased=False).numpy()
+        return z.mean(dim=0).cpu().numpy(), z.std(dim=0, unbiased=False).cpu().numpy()
 
     means, stds = [], []
     for trial in range(trials + 1):
@@ -489,7 +491,7 @@ def moments_under_weight_perturbation(
             if trial > 0:
                 rms = p0.square().mean().sqrt()
                 noise = torch.randn(p0.shape, generator=generator, dtype=p0.dtype)
-                p.add_(relative_size * rms * noise)
+                p.add_(relative_size * rms * noise.to(p.device))
         mean, std = last_moments()
         means.append(mean)
         stds.append(std)
