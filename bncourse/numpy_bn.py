@@ -183,17 +183,25 @@ def _channel_dot(a3: np.ndarray, b3: np.ndarray) -> np.ndarray:
     return row_sums.sum(axis=(0, 2), dtype=np.float64)
 
 
-def _centre(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _centre(
+    x: np.ndarray, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centred input ``x - mean`` (N, C, M) in the working dtype, float64 ``mean`` and ``var``.
 
-    Two passes over ``x``, both accumulating in float64:
+    Two passes over ``x``, accumulating in float64 (float32 input is copied to float64 one
+    cache-sized slab at a time, then summed by BLAS):
 
-    1. ``mean``: the sum of every row of the (N, C, M) view, in float64;
-    2. ``var``: slab by slab, ``x - mean`` is computed in float64 (the exact mean, so no
-       cancellation however large the mean is), its squares are summed in float64, and the
-       centred slab is stored, rounded once, in the working dtype.
+    1. ``mean`` = the float64 sum of every channel over its ``count`` values, over ``count``.
+    2. The mean is split into a float32 part and a small remainder, ``mean = high + low``, and
+       ``d = x - high`` is computed in float32: no cancellation however large the mean is (for
+       values close to ``high`` the subtraction is exact). ``sum(d)`` and ``sum(d**2)`` are then
+       accumulated in float64, which gives the sum of squared deviations from the exact mean,
+       ``sum((d - low)**2) = sum(d**2) - 2 * low * sum(d) + count * low**2``, and finally
+       ``d -= low`` (skipped when ``|low|`` is below ``2**-30`` standard deviations, where it
+       changes no float32 result).
 
-    A constant channel gives a centred channel of exact zeros.
+    A constant channel has ``mean`` exactly its value, so ``d`` is exactly 0. ``out``, if given,
+    is a C-contiguous (N, C, M) array of the working dtype to hold ``d``.
     """
     dtype = _working_dtype(x.dtype)
     x3 = _as_rows(x, dtype)
@@ -201,27 +209,35 @@ def _centre(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     count = n * m
     if dtype == np.float64:
         mean = x3.sum(axis=(0, 2)) / count
-        centred = np.subtract(x3, mean[:, None])
+        centred = np.subtract(x3, mean[:, None], out=out)
         var = np.einsum("ncm,ncm->c", centred, centred) / count
         return centred, mean, var
 
     slabs = _slabs(x3)
     scratch = np.empty((slabs[0].stop - slabs[0].start, channels, m))
     ones = np.ones(m)
-    total = np.zeros(channels)
-    for slab in slabs:
-        work = scratch[: slab.stop - slab.start]
-        np.copyto(work, x3[slab])
-        total += (work @ ones).sum(axis=0)
+
+    def float64_sums(a3: np.ndarray, squares: bool) -> tuple[np.ndarray, np.ndarray]:
+        total, total_squares = np.zeros(channels), np.zeros(channels)
+        for slab in slabs:
+            work = scratch[: slab.stop - slab.start]
+            np.copyto(work, a3[slab])
+            total += (work @ ones).sum(axis=0)
+            if squares:
+                total_squares += np.einsum("ncm,ncm->c", work, work)
+        return total, total_squares
+
+    total, _ = float64_sums(x3, squares=False)
     mean = total / count
-    centred = np.empty_like(x3)
-    squares = np.zeros(channels)
-    for slab in slabs:
-        work = scratch[: slab.stop - slab.start]
-        np.subtract(x3[slab], mean[:, None], out=work)
-        squares += np.einsum("ncm,ncm->c", work, work)
-        np.copyto(centred[slab], work, casting="same_kind")
-    return centred, mean, squares / count
+    high = mean.astype(dtype)
+    low = mean - high
+    centred = np.subtract(x3, high[:, None], out=out)
+    total, total_squares = float64_sums(centred, squares=True)
+    squares = total_squares - 2.0 * low * total + count * low * low
+    var = np.maximum(squares, 0.0) / count
+    if np.any(np.abs(low) > 2.0**-30 * np.sqrt(var)):
+        centred -= low.astype(dtype)[:, None]
+    return centred, mean, var
 
 
 def batch_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -269,13 +285,35 @@ def batch_norm_forward(
         normalisation runs in the working dtype (float32 for float32 and float16 input), in
         place on the centred array that becomes ``cache.x_hat``.
     """
+    return _forward(x, gamma, beta, eps)
+
+
+def _forward(
+    x: np.ndarray,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    eps: float,
+    workspace: np.ndarray | None = None,
+) -> tuple[np.ndarray, BatchNormCache]:
+    """:func:`batch_norm_forward`, writing ``cache.x_hat`` into ``workspace`` when it fits.
+
+    ``workspace`` is the (N, C, M) array behind an earlier cache's ``x_hat`` that nobody else
+    holds (the layer passes its previous one): reusing it saves a fresh allocation.
+    """
     x = _check_input(x)
     channels = x.shape[1]
     gamma64 = _check_per_channel("gamma", gamma, channels)
     beta64 = _check_per_channel("beta", beta, channels)
     _check_enough_values(x)
 
-    d, mean, var = _centre(x)
+    shape3 = (x.shape[0], channels, x.size // (x.shape[0] * channels))
+    fits = (
+        workspace is not None
+        and workspace.shape == shape3
+        and workspace.dtype == _working_dtype(x.dtype)
+        and workspace.flags.c_contiguous
+    )
+    d, mean, var = _centre(x, out=workspace if fits else None)
     inv_std = 1.0 / np.sqrt(var + eps)
     dtype = d.dtype
     d *= inv_std.astype(dtype)[:, None]  # d is x_hat from here on
@@ -525,7 +563,12 @@ class BatchNorm:
             )
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
-            y, cache = batch_norm_forward(x, self.weight, self.bias, self.eps)
+            # the previous forward's x_hat is private to this layer: reuse its memory
+            workspace = None if self._cache is None else self._cache.x_hat
+            self._cache = None
+            if workspace is not None:
+                workspace = workspace.reshape(workspace.shape[0], workspace.shape[1], -1)
+            y, cache = _forward(x, self.weight, self.bias, self.eps, workspace)
             if self.training and self.track_running_stats:
                 self._update_running_stats(cache, _values_per_channel(x))
             self._cache, self._eval_scale = cache, None
