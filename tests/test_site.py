@@ -37,7 +37,6 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-
 from conftest import _solution_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,9 +90,10 @@ def _source(docname: str) -> Path:
     raise FileNotFoundError(f"_toc.yml lists {docname}, which has no .ipynb or .md source")
 
 
-DOCNAMES = [name.removesuffix(".md").removesuffix(".ipynb") for name in _toc_files(
-    yaml.safe_load((ROOT / "_toc.yml").read_text())
-)]
+DOCNAMES = [
+    name.removesuffix(".md").removesuffix(".ipynb")
+    for name in _toc_files(yaml.safe_load((ROOT / "_toc.yml").read_text()))
+]
 CHAPTERS = [name for name in DOCNAMES if _source(name).suffix == ".ipynb"]
 # Every page of the site: the toc's documents and the pages Sphinx adds. index.html is Jupyter
 # Book's redirect to the root document.
@@ -255,21 +255,27 @@ def open_page(browser, server):
         page.on("pageerror", lambda error: visit.page_errors.append(str(error)))
         page.on(
             "console",
-            lambda message: visit.console_errors.append(f"{message.text} ({message.location})")
-            if message.type == "error"
-            else None,
+            lambda message: (
+                visit.console_errors.append(f"{message.text} ({message.location})")
+                if message.type == "error"
+                else None
+            ),
         )
         page.on(
             "requestfailed",
-            lambda request: visit.failed_requests.append(f"{request.url}: {request.failure}")
-            if urlsplit(request.url).hostname == HOST
-            else None,
+            lambda request: (
+                visit.failed_requests.append(f"{request.url}: {request.failure}")
+                if urlsplit(request.url).hostname == HOST
+                else None
+            ),
         )
         page.on(
             "response",
-            lambda response: visit.failed_requests.append(f"{response.url}: {response.status}")
-            if response.status >= 400
-            else None,
+            lambda response: (
+                visit.failed_requests.append(f"{response.url}: {response.status}")
+                if response.status >= 400
+                else None
+            ),
         )
         page.goto(server + path, wait_until="load")
         page.wait_for_load_state("networkidle")
@@ -291,9 +297,7 @@ def _wait_for_mathjax(page) -> str | None:
     loaded = page.evaluate("() => !!(window.MathJax && window.MathJax.startup)")
     if not loaded:
         return "the page has math but MathJax did not load"
-    page.wait_for_function(
-        "() => window.MathJax.startup.promise !== undefined", timeout=30_000
-    )
+    page.wait_for_function("() => window.MathJax.startup.promise !== undefined", timeout=30_000)
     page.evaluate("() => window.MathJax.startup.promise.then(() => true)")
     return None
 
@@ -320,6 +324,14 @@ _BROKEN_IMAGES = """async () => {
   return images
     .filter(image => !(image.complete && image.naturalWidth > 0))
     .map(image => image.getAttribute('src'));
+}"""
+
+
+_FAVICON_LOADS = """async () => {
+  const icon = document.querySelector('link[rel="icon"]');
+  if (!icon) return false;
+  const response = await fetch(icon.href);
+  return response.ok && (await response.text()).includes('<svg');
 }"""
 
 
@@ -392,8 +404,12 @@ def test_exercise_table_reads_kinds_points_and_minutes(tmp_path: Path):
     notebook = {
         "cells": [
             markdown("# Chapter `two`\n\nText."),
-            markdown("```{exercise} Forward pass\n:label: ex-2-1\n\nWrite it *(about 15 minutes)*.\n```"),
-            markdown("```{solution} ex-2-1\n:label: sol-2-1\n:class: dropdown\n\n(about 99 minutes)\n```"),
+            markdown(
+                "```{exercise} Forward pass\n:label: ex-2-1\n\nWrite it *(about 15 minutes)*.\n```"
+            ),
+            markdown(
+                "```{solution} ex-2-1\n:label: sol-2-1\n:class: dropdown\n\n(about 99 minutes)\n```"
+            ),
             code("ex-2-1-solution", solution=True, grade=False),
             code("ex-2-1-test", solution=False, grade=True, points=3),
             markdown("````{exercise} Why?\n:label: ex-2-2\n\nExplain.\n````"),
@@ -429,7 +445,16 @@ def test_page_loads_cleanly_offline(name: str, open_page):
     problems += [f"image not loaded: {src}" for src in page.evaluate(_BROKEN_IMAGES)]
     problems += [math_problem] if math_problem else []
     problems += page.evaluate(_MATH_PROBLEMS)
+    problems += [] if page.evaluate(_FAVICON_LOADS) else ["no favicon, or it does not load"]
     assert not problems, f"{name}:\n" + "\n".join(problems)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_bibliography_lists_the_references(open_page):
+    name = next(name for name in DOCNAMES if name.endswith("bibliography"))
+    page, _visit = open_page(_page_path(name))
+    assert page.locator('[role="doc-biblioentry"]').count() >= 1, "the bibliography is empty"
 
 
 @pytest.mark.browser
@@ -542,8 +567,13 @@ def test_solution_free_site_exposes_no_notebook(site_without_solutions: Build):
     for path in html_dir.rglob("*.html"):
         text = path.read_text(encoding="utf-8")
         links = re.findall(r'(?:href|src)="([^"]*)"', text)
-        for pattern in (r"\.ipynb$", r"_sources/", r"colab\.research", r"mybinder\.org",
-                        rf"^{re.escape(REPOSITORY)}(/(blob|tree|edit|raw)/|/?$)"):
+        for pattern in (
+            r"\.ipynb$",
+            r"_sources/",
+            r"colab\.research",
+            r"mybinder\.org",
+            rf"^{re.escape(REPOSITORY)}(/(blob|tree|edit|raw)/|/?$)",
+        ):
             exposed = [link for link in links if re.search(pattern, link)]
             assert not exposed, f"{path.name} links to the sources: {exposed}"
         assert "btn-download" not in text, f"{path.name} has a download button"

@@ -4,7 +4,6 @@ notebook runs top to bottom until the first unanswered exercise, which says so i
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,18 +20,14 @@ from bncourse.student import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "exercises_demo.ipynb"
-CHECKS_PATH = [ROOT / "tests" / "fixtures"]  # where the fixture's checks live
 
 
 def _has_exercises(path: Path) -> bool:
     return "{exercise}" in path.read_text(encoding="utf-8")
 
 
-# The fixture and every chapter of the book that has exercises.
-NOTEBOOKS = [FIXTURE] + sorted(
-    p for p in (ROOT / "book").glob("*.ipynb") if _has_exercises(p) and "_build" not in p.parts
-)
+# Every chapter of the book that has exercises.
+NOTEBOOKS = sorted(p for p in (ROOT / "book").glob("*.ipynb") if _has_exercises(p))
 
 
 def _ids(path: Path) -> str:
@@ -100,7 +95,6 @@ def test_runs_until_the_first_exercise_says_not_implemented(path: Path, edition:
         if cell.cell_type == "code" and cell.metadata.get("nbgrader", {}).get("grade")
     ]
     assert graded, f"{path.name}: no autograded cell"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, CHECKS_PATH))}
     client = NotebookClient(
         notebook,
         timeout=300,
@@ -108,7 +102,7 @@ def test_runs_until_the_first_exercise_says_not_implemented(path: Path, edition:
         resources={"metadata": {"path": str(edition)}},
     )
     with pytest.raises(CellExecutionError):
-        client.execute(env=env)
+        client.execute()
     failed = [
         index
         for index, cell in enumerate(notebook.cells)
@@ -183,13 +177,18 @@ def test_stubs_keep_indentation_and_strip_hidden_tests_and_outputs():
     assert solution["metadata"]["tags"] == ["solution", "hide-input"], "the input was modified"
 
 
+def test_there_are_chapters_with_exercises():
+    assert NOTEBOOKS, "no notebook under book/ has exercises"
+
+
 def test_command_refuses_to_overwrite_its_source(tmp_path: Path):
-    copy = tmp_path / FIXTURE.name
-    copy.write_text(FIXTURE.read_text())
+    chapter = NOTEBOOKS[0]
+    copy = tmp_path / chapter.name
+    copy.write_text(chapter.read_text())
     result = subprocess.run(
         [sys.executable, "-m", "bncourse.student", str(copy), "--output", str(tmp_path)],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 1 and "refusing to overwrite" in result.stderr
-    assert copy.read_text() == FIXTURE.read_text()
+    assert copy.read_text() == chapter.read_text()

@@ -321,7 +321,17 @@ class ExerciseTable(SphinxDirective):
             for index, exercise in enumerate(exercises):
                 target = posixpath.relpath(docname, posixpath.dirname(self.env.docname) or ".")
                 name = _inline_markup(chapter_title)
-                chapter = [self._xref("doc", target, *name)] if index == 0 else ""
+                notebook = posixpath.basename(docname) + ".ipynb"
+                chapter = (
+                    [
+                        self._xref("doc", target, *name),
+                        nodes.Text(" ("),
+                        nodes.literal(notebook, notebook),
+                        nodes.Text(")"),
+                    ]
+                    if index == 0
+                    else ""
+                )
                 link = self._xref("numref", exercise.label, nodes.Text("Exercise {number}"))
                 title = [link, nodes.Text(": "), *_inline_markup(exercise.title), nodes.Text(" (")]
                 title += [nodes.literal(exercise.label, exercise.label), nodes.Text(")")]
