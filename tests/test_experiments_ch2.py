@@ -58,6 +58,7 @@ def test_scale_invariance_of_output_and_gradient():
     assert np.allclose(result.output, result.scaled_output, atol=1e-3)
     assert np.allclose(5.0 * result.scaled_grad, result.grad, rtol=1e-3, atol=1e-6)
     assert np.allclose((result.weight * result.grad).sum(axis=1), 0.0, atol=1e-4)
+    assert np.allclose(result.scaled_input_grad, result.input_grad, rtol=1e-3, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

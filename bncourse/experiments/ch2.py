@@ -328,6 +328,8 @@ class ScaleInvariance:
         dL/dW at W and dL/d(aW) at a W, for the same loss.
     weight : np.ndarray, shape (out_features, in_features)
         W.
+    input_grad, scaled_input_grad : np.ndarray, shape (N, in_features)
+        dL/du at W and at a W: what the layer passes further down.
     """
 
     scale: float
@@ -336,6 +338,8 @@ class ScaleInvariance:
     grad: np.ndarray
     scaled_grad: np.ndarray
     weight: np.ndarray
+    input_grad: np.ndarray
+    scaled_input_grad: np.ndarray
 
 
 def scale_invariance(
@@ -346,7 +350,7 @@ def scale_invariance(
     eps: float = 1e-5,
     seed: int = 0,
 ) -> ScaleInvariance:
-    """Evaluate ``BN(W u)`` and its weight gradient at ``W`` and at ``scale * W`` (float64).
+    """Evaluate ``BN(W u)`` and its gradients at ``W`` and at ``scale * W`` (float64).
 
     The loss is a fixed random linear function of ``sigmoid(BN(W u))``, so it depends on W only
     through the normalised output.
@@ -356,14 +360,16 @@ def scale_invariance(
     weight = torch.randn(out_features, in_features, generator=generator, dtype=torch.float64)
     weight = weight / np.sqrt(in_features)
     readout = torch.randn(batch_size, out_features, generator=generator, dtype=torch.float64)
-    outputs, grads = [], []
+    outputs, grads, input_grads = [], [], []
     for factor in (1.0, scale):
         w = (factor * weight).requires_grad_(True)
-        z = F.batch_norm(u @ w.T, None, None, training=True, eps=eps)
+        inputs = u.clone().requires_grad_(True)
+        z = F.batch_norm(inputs @ w.T, None, None, training=True, eps=eps)
         loss = (torch.sigmoid(z) * readout).sum()
         loss.backward()
         outputs.append(z.detach().numpy())
         grads.append(w.grad.numpy())
+        input_grads.append(inputs.grad.numpy())
     return ScaleInvariance(
         scale=float(scale),
         output=outputs[0],
@@ -371,6 +377,8 @@ def scale_invariance(
         grad=grads[0],
         scaled_grad=grads[1],
         weight=weight.numpy(),
+        input_grad=input_grads[0],
+        scaled_input_grad=input_grads[1],
     )
 
 
