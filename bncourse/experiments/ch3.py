@@ -18,6 +18,7 @@ Each function computes and returns plain data (arrays, dataclasses); the noteboo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,6 +128,16 @@ def undo_batch_norm(
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
+def _gauss_hermite(nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights (summing to 1) of Gauss-Hermite quadrature for a standard normal."""
+    z, weights = np.polynomial.hermite_e.hermegauss(nodes)
+    z.setflags(write=False)
+    weights = weights / weights.sum()
+    weights.setflags(write=False)
+    return z, weights
+
+
 def gaussian_sigmoid_linearity(scale: float = 1.0, shift: float = 0.0, nodes: int = 101) -> float:
     """How much of :math:`\\sigma(\\gamma z + \\beta)` a straight line explains, for z ~ N(0, 1).
 
@@ -148,8 +159,7 @@ def gaussian_sigmoid_linearity(scale: float = 1.0, shift: float = 0.0, nodes: in
     -------
     float in [0, 1]
     """
-    z, weights = np.polynomial.hermite_e.hermegauss(nodes)
-    weights = weights / weights.sum()
+    z, weights = _gauss_hermite(nodes)
     s = 1.0 / (1.0 + np.exp(-(scale * z + shift)))
     s_centred = s - np.sum(weights * s)
     covariance = np.sum(weights * s_centred * z)
