@@ -17,11 +17,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The chapter whose exercises go through nbgrader. Its checks are imported from the folders in
-# CHECKS_PATH too (the fixture's checks live next to it; a book chapter's come from bncourse).
-NOTEBOOK = ROOT / "tests" / "fixtures" / "exercises_demo.ipynb"
-CHECKS_PATH = [ROOT / "tests" / "fixtures"]
-ASSIGNMENT = "chapter"
+# The chapter whose exercises go through nbgrader (its checks come from bncourse.exercises).
+NOTEBOOK = ROOT / "book" / "ch2_bn_transform.ipynb"
+ASSIGNMENT = "ch2"
 BIN = Path(sys.executable).parent
 
 # The course configuration of the instructors' page (book/instructors.md), with an absolute root.
@@ -39,9 +37,6 @@ def _environment() -> dict[str, str]:
     # nbgrader runs `alembic` (installed next to it) from the PATH to manage its database.
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
-    env["PYTHONPATH"] = os.pathsep.join(
-        [*map(str, CHECKS_PATH), *filter(None, [env.get("PYTHONPATH")])]
-    )
     return env
 
 
