@@ -125,3 +125,19 @@ def test_dataset_shift_experiment_small():
     assert result.moved < result.original - 0.2
     assert result.moved_own_statistics < result.original - 0.2
     assert result.x_moved.shape == (450, 64)
+
+
+def test_copy_linear_weights_gives_the_same_start():
+    reference = make_mlp(8, 3, depth=3, width=6, norm="bn", seed=0)
+    plain = make_mlp(8, 3, depth=3, width=6, norm=None, seed=0)
+    # the hidden biases of the plain network shift the generator: different weights from layer 2
+    assert not torch.equal(plain.hidden[1].linear.weight, reference.hidden[1].linear.weight)
+    biases = [block.linear.bias.clone() for block in plain.hidden]
+    ch1.copy_linear_weights(reference, plain)
+    for ours, theirs, bias in zip(plain.hidden, reference.hidden, biases, strict=True):
+        assert torch.equal(ours.linear.weight, theirs.linear.weight)
+        assert torch.equal(ours.linear.bias, bias)
+    assert torch.equal(plain.output.weight, reference.output.weight)
+    assert torch.equal(plain.output.bias, reference.output.bias)
+    with pytest.raises(ValueError, match="depths differ"):
+        ch1.copy_linear_weights(reference, make_mlp(8, 3, depth=2, width=6, seed=0))

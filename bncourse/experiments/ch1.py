@@ -43,6 +43,7 @@ __all__ = [
     "conditioning_experiment",
     "ShiftNoise",
     "add_shift_noise",
+    "copy_linear_weights",
     "figure1_experiment",
     "percentile_drift",
     "LayerShift",
@@ -362,6 +363,37 @@ def add_shift_noise(model: MLP, scale_std: float = 0.5, shift_std: float = 1.0) 
     return model
 
 
+def copy_linear_weights(source: MLP, target: MLP) -> MLP:
+    """Give ``target`` the weights of ``source``'s linear layers (in place), biases where shared.
+
+    ``make_mlp`` with the same seed draws different weights for a network with BN and one
+    without from the second layer on, because only the latter has hidden biases (drawn from the
+    same generator). Copying makes the comparison start from the same weights: the hidden
+    weights and the output layer are copied; hidden biases that only ``target`` has keep their
+    own initial values.
+
+    Parameters
+    ----------
+    source, target : MLP
+        Networks of the same depth and widths.
+
+    Returns
+    -------
+    MLP
+        ``target``.
+    """
+    if source.depth != target.depth:
+        raise ValueError(f"depths differ: {source.depth} and {target.depth}")
+    with torch.no_grad():
+        for from_block, to_block in zip(source.hidden, target.hidden, strict=True):
+            to_block.linear.weight.copy_(from_block.linear.weight)
+            if from_block.linear.bias is not None and to_block.linear.bias is not None:
+                to_block.linear.bias.copy_(from_block.linear.bias)
+        target.output.weight.copy_(source.output.weight)
+        target.output.bias.copy_(source.output.bias)
+    return target
+
+
 FIGURE1_LABELS = ("no BN", "BN", "BN + noise")
 
 
@@ -378,10 +410,10 @@ def figure1_experiment(
 ) -> dict[str, TrainingHistory]:
     """Train the 3 x 100 sigmoid MLP of Ioffe & Szegedy's Figure 1 on the digits.
 
-    Every variant starts from the same initial weights of the linear layers (``make_mlp`` with
-    the same ``seed``: the layers are drawn in the same order, BN has no random parameters) and
-    sees the same mini-batches, with plain SGD at the same learning rate. The last hidden
-    layer's sigmoid inputs are recorded every ``record_every`` steps.
+    Every variant starts from the same initial weights (those of ``make_mlp(..., norm="bn",
+    seed=seed)``, copied with :func:`copy_linear_weights`; the network without BN also has
+    hidden biases) and sees the same mini-batches, with plain SGD at the same learning rate.
+    The last hidden layer's sigmoid inputs are recorded every ``record_every`` steps.
 
     Parameters
     ----------
@@ -405,14 +437,17 @@ def figure1_experiment(
         One history per label; ``history.activations[2]`` holds the last hidden layer.
     """
     data = load_digits(seed=seed) if data is None else data
-    histories = {}
     for label in labels:
         if label not in FIGURE1_LABELS:
             raise ValueError(f"labels must be among {FIGURE1_LABELS}, got {label!r}")
+    reference = make_mlp(data.num_features, data.num_classes, depth=3, norm="bn", seed=seed)
+    histories = {}
+    for label in labels:
         norm = None if label == "no BN" else "bn"
         model = make_mlp(
             data.num_features, data.num_classes, depth=3, width=100, norm=norm, seed=seed
         )
+        copy_linear_weights(reference, model)
         if label == "BN + noise":
             add_shift_noise(model)
         histories[label] = train(
@@ -509,10 +544,12 @@ def layer_shift_experiment(
     probe_size: int = 512,
     seed: int = 0,
     device: torch.device | str | None = None,
+    cpu_threads: int | None = 1,
 ) -> LayerShift:
     """Train a deep MLP on the digits with and without BN, measuring per-layer input shifts.
 
-    Both models start from the same linear weights and see the same batches (plain SGD). At
+    Both models start from the same weights (:func:`copy_linear_weights`) and see the same
+    batches (plain SGD). At
     steps 0, ``measure_every``, ... the inputs of every hidden nonlinearity are computed on a
     fixed probe batch before and after that step's update (BN, when present, normalises with the
     probe batch's own statistics, as in training).
@@ -530,6 +567,9 @@ def layer_shift_experiment(
     seed : int, default 0
     device : optional
         Default :func:`bncourse.get_device`.
+    cpu_threads : int or None, default 1
+        On the CPU, run with this many threads (restored afterwards), as
+        :func:`bncourse.training.train` does; None keeps the current setting.
 
     Returns
     -------
@@ -538,15 +578,37 @@ def layer_shift_experiment(
     from bncourse import get_device
 
     device = get_device() if device is None else torch.device(device)
+    previous_threads = torch.get_num_threads()
+    if device.type == "cpu" and cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
+    try:
+        return _layer_shift(depth, width, activation, lr, steps, measure_every, batch_size,
+                            probe_size, seed, device)  # fmt: skip
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _layer_shift(
+    depth: int,
+    width: int,
+    activation: str,
+    lr: float,
+    steps: int,
+    measure_every: int,
+    batch_size: int,
+    probe_size: int,
+    seed: int,
+    device: torch.device,
+) -> LayerShift:
     data = load_digits(seed=seed)
     x_train, y_train, x_test, y_test = data.tensors(device)
     probe = x_train[:probe_size]
     result = LayerShift({}, {}, {})
+    sizes = dict(depth=depth, width=width, activation=activation, seed=seed)
+    reference = make_mlp(data.num_features, data.num_classes, norm="bn", **sizes)
     for label, norm in (("no BN", None), ("BN", "bn")):
-        model = make_mlp(
-            data.num_features, data.num_classes, depth=depth, width=width,
-            activation=activation, norm=norm, seed=seed,
-        ).to(device)  # fmt: skip
+        model = make_mlp(data.num_features, data.num_classes, norm=norm, **sizes)
+        model = copy_linear_weights(reference, model).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         batches = iter(BatchSampler(data.num_train, batch_size, seed=seed))
         moments, shapes = [], []
