@@ -121,14 +121,14 @@ class BatchNormCache:
     eps: float
 
 
-# Elementwise work on float32 data is done in slabs of whole samples of about this many values,
-# so that the float64 scratch of a slab (1 MiB) stays in the CPU's cache.
+# The passes over the data run slab by slab, a slab being whole samples (axis 0) of about this
+# many values: a slab's float32 arrays and its float64 scratch (1 MiB) stay in the CPU's cache
+# while several operations run on them, so each pass reads and writes main memory about once.
 _SLAB_VALUES = 1 << 17
 
-# Rows of at most this many values are summed in the working precision (float32 for float32
-# input, by the BLAS/SIMD kernels with several accumulators); the row sums are then added in
-# float64. Longer rows are split first. Only the backward pass sums this way.
-_ROW_LENGTH = 4096
+# In the backward pass, rows (the M values of one sample and channel) up to this length are
+# summed in the working dtype before the row sums are added up in float64.
+_LONG_ROW = 4096
 
 
 def _working_dtype(dtype: np.dtype) -> np.dtype:
@@ -148,39 +148,30 @@ def _slabs(a3: np.ndarray) -> list[slice]:
     return [slice(start, min(start + per_slab, n)) for start in range(0, n, per_slab)]
 
 
-def _row_pieces(a3: np.ndarray) -> np.ndarray:
-    """``a3`` (N, C, M) viewed as (N, C, K, L) with rows of L <= _ROW_LENGTH values."""
-    n, c, m = a3.shape
-    length = m
-    if m > _ROW_LENGTH:
-        length = next((d for d in range(_ROW_LENGTH, 0, -1) if m % d == 0), 1)
-    return a3.reshape(n, c, m // length, length)
+class _Float64Sums:
+    """Per-channel sums of (N, C, M) slabs accumulated in float64.
 
-
-def _channel_sum(a3: np.ndarray) -> np.ndarray:
-    """Per-channel sum of a contiguous (N, C, M) array, as float64 of shape (C,).
-
-    Each row (at most _ROW_LENGTH values) is summed by a matrix-vector product with a vector of
-    ones in ``a3``'s dtype; the row sums are accumulated in float64.
+    A float32 slab is first copied into a float64 scratch slab (in cache); the sums over each
+    row of M values are then BLAS products with a vector of ones (``sum``) or ``einsum``
+    (``sum of squares``), all in float64.
     """
-    pieces = _row_pieces(a3)
-    if pieces.shape[-1] == 1:  # no spatial extent: one float64 reduction over the batch
-        return a3.sum(axis=(0, 2), dtype=np.float64)
-    row_sums = pieces @ np.ones(pieces.shape[-1], dtype=a3.dtype)
-    return row_sums.sum(axis=(0, 2), dtype=np.float64)
 
+    def __init__(self, a3: np.ndarray, slab: slice) -> None:
+        rows = slab.stop - slab.start
+        self.float64 = a3.dtype == np.float64
+        self.scratch = None if self.float64 else np.empty((rows,) + a3.shape[1:])
+        self.ones = np.ones(a3.shape[2])
+        self.total = np.zeros(a3.shape[1])
+        self.total_squares = np.zeros(a3.shape[1])
 
-def _channel_dot(a3: np.ndarray, b3: np.ndarray) -> np.ndarray:
-    """Per-channel sum of ``a3 * b3`` for contiguous (N, C, M) arrays, as float64 (C,).
-
-    Products are summed along each row (at most _ROW_LENGTH values) in one pass without a
-    temporary, by ``einsum``; the row sums are accumulated in float64.
-    """
-    pieces_a, pieces_b = _row_pieces(a3), _row_pieces(b3)
-    if pieces_a.shape[-1] == 1:
-        return np.multiply(a3, b3, dtype=np.float64).sum(axis=(0, 2))
-    row_sums = np.einsum("nckl,nckl->nck", pieces_a, pieces_b)
-    return row_sums.sum(axis=(0, 2), dtype=np.float64)
+    def add(self, part: np.ndarray, squares: bool = False) -> None:
+        if not self.float64:
+            work = self.scratch[: part.shape[0]]
+            np.copyto(work, part)
+            part = work
+        self.total += (part @ self.ones).sum(axis=0)
+        if squares:
+            self.total_squares += np.einsum("ncm,ncm->c", part, part)
 
 
 def _centre(
@@ -188,17 +179,16 @@ def _centre(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centred input ``x - mean`` (N, C, M) in the working dtype, float64 ``mean`` and ``var``.
 
-    Two passes over ``x``, accumulating in float64 (float32 input is copied to float64 one
-    cache-sized slab at a time, then summed by BLAS):
+    Two passes over ``x``, accumulating in float64 (see :class:`_Float64Sums`):
 
     1. ``mean`` = the float64 sum of every channel over its ``count`` values, over ``count``.
-    2. The mean is split into a float32 part and a small remainder, ``mean = high + low``, and
-       ``d = x - high`` is computed in float32: no cancellation however large the mean is (for
-       values close to ``high`` the subtraction is exact). ``sum(d)`` and ``sum(d**2)`` are then
-       accumulated in float64, which gives the sum of squared deviations from the exact mean,
-       ``sum((d - low)**2) = sum(d**2) - 2 * low * sum(d) + count * low**2``, and finally
-       ``d -= low`` (skipped when ``|low|`` is below ``2**-30`` standard deviations, where it
-       changes no float32 result).
+    2. The mean is split into a working-dtype part and a small remainder, ``mean = high +
+       low``, and ``d = x - high`` is computed in the working dtype: no cancellation however
+       large the mean is (for values close to ``high`` the subtraction is exact). ``sum(d)``
+       and ``sum(d**2)`` are accumulated in float64, which gives the sum of squared deviations
+       from the exact mean, ``sum((d - low)**2) = sum(d**2) - 2 * low * sum(d) + count *
+       low**2``, and ``d -= low`` follows (skipped when ``|low|`` is below ``2**-30`` standard
+       deviations, where it changes no float32 result).
 
     A constant channel has ``mean`` exactly its value, so ``d`` is exactly 0. ``out``, if given,
     is a C-contiguous (N, C, M) array of the working dtype to hold ``d``.
@@ -207,33 +197,22 @@ def _centre(
     x3 = _as_rows(x, dtype)
     n, channels, m = x3.shape
     count = n * m
-    if dtype == np.float64:
-        mean = x3.sum(axis=(0, 2)) / count
-        centred = np.subtract(x3, mean[:, None], out=out)
-        var = np.einsum("ncm,ncm->c", centred, centred) / count
-        return centred, mean, var
-
     slabs = _slabs(x3)
-    scratch = np.empty((slabs[0].stop - slabs[0].start, channels, m))
-    ones = np.ones(m)
 
-    def float64_sums(a3: np.ndarray, squares: bool) -> tuple[np.ndarray, np.ndarray]:
-        total, total_squares = np.zeros(channels), np.zeros(channels)
-        for slab in slabs:
-            work = scratch[: slab.stop - slab.start]
-            np.copyto(work, a3[slab])
-            total += (work @ ones).sum(axis=0)
-            if squares:
-                total_squares += np.einsum("ncm,ncm->c", work, work)
-        return total, total_squares
-
-    total, _ = float64_sums(x3, squares=False)
-    mean = total / count
+    sums = _Float64Sums(x3, slabs[0])
+    for slab in slabs:
+        sums.add(x3[slab])
+    mean = sums.total / count
     high = mean.astype(dtype)
     low = mean - high
-    centred = np.subtract(x3, high[:, None], out=out)
-    total, total_squares = float64_sums(centred, squares=True)
-    squares = total_squares - 2.0 * low * total + count * low * low
+    high_column = high[:, None]
+
+    centred = np.empty_like(x3) if out is None else out
+    sums = _Float64Sums(x3, slabs[0])
+    for slab in slabs:
+        part = np.subtract(x3[slab], high_column, out=centred[slab])
+        sums.add(part, squares=True)
+    squares = sums.total_squares - 2.0 * low * sums.total + count * low * low
     var = np.maximum(squares, 0.0) / count
     if np.any(np.abs(low) > 2.0**-30 * np.sqrt(var)):
         centred -= low.astype(dtype)[:, None]
@@ -316,16 +295,22 @@ def _forward(
     d, mean, var = _centre(x, out=workspace if fits else None)
     inv_std = 1.0 / np.sqrt(var + eps)
     dtype = d.dtype
-    d *= inv_std.astype(dtype)[:, None]  # d is x_hat from here on
-    x_hat = d
-    if gamma64 is not None:
-        y = np.multiply(x_hat, gamma64.astype(dtype)[:, None])
-        if beta64 is not None:
-            y += beta64.astype(dtype)[:, None]
-    elif beta64 is not None:
-        y = np.add(x_hat, beta64.astype(dtype)[:, None])
-    else:
-        y = x_hat.copy()
+    inv_column = inv_std.astype(dtype)[:, None]
+    gamma_column = None if gamma64 is None else gamma64.astype(dtype)[:, None]
+    beta_column = None if beta64 is None else beta64.astype(dtype)[:, None]
+    x_hat = d  # normalised in place, slab by slab
+    y = np.empty_like(d)
+    for slab in _slabs(d):
+        x_hat_part, y_part = x_hat[slab], y[slab]
+        x_hat_part *= inv_column
+        if gamma_column is not None:
+            np.multiply(x_hat_part, gamma_column, out=y_part)
+            if beta_column is not None:
+                y_part += beta_column
+        elif beta_column is not None:
+            np.add(x_hat_part, beta_column, out=y_part)
+        else:
+            y_part[...] = x_hat_part
     y = y.reshape(x.shape).astype(x.dtype, copy=False)
     x_hat = x_hat.reshape(x.shape).astype(x.dtype, copy=False)
     scale = gamma64 if gamma64 is not None else np.ones(channels)
@@ -364,21 +349,42 @@ def batch_norm_backward(
 
     Returns:
         ``(dx, dgamma, dbeta)``: ``dx`` in the input's dtype, the others float64 of shape (C,).
-        The two sums are accumulated in float64; ``dx`` is computed in the working dtype
-        (float32 for float32 input) as ``scale * (g - mean(g) - x_hat * mean(g * x_hat))``.
+        The sums run over each row of M values in the working dtype (float32 for float32
+        input) and are added up in float64; ``dx`` is computed in the working dtype as
+        ``scale * (g - mean(g) - x_hat * mean(g * x_hat))``, slab by slab.
     """
     dy = _check_upstream(dy, cache)
     dtype = _working_dtype(cache.x.dtype)
     g = _as_rows(dy, dtype)
     x_hat = _as_rows(cache.x_hat, dtype)
     count = g.shape[0] * g.shape[2]
-    dbeta = _channel_sum(g)
-    dgamma = _channel_dot(g, x_hat)
+    slabs = _slabs(g)
+
+    # sums over each row of M values in the working dtype, added up in float64 (rows longer
+    # than _LONG_ROW values are summed in float64 throughout)
+    ones = np.ones(g.shape[2], dtype=dtype)
+    dbeta, dgamma = np.zeros(g.shape[1]), np.zeros(g.shape[1])
+    long_rows = g.shape[2] > _LONG_ROW
+    for slab in slabs:
+        g_part, x_hat_part = g[slab], x_hat[slab]
+        if long_rows:
+            dbeta += g_part.sum(axis=(0, 2), dtype=np.float64)
+            dgamma += np.einsum("ncm,ncm->c", g_part, x_hat_part, dtype=np.float64)
+        else:
+            dbeta += (g_part @ ones).sum(axis=0, dtype=np.float64)
+            products = np.einsum("ncm,ncm->nc", g_part, x_hat_part)
+            dgamma += products.sum(axis=0, dtype=np.float64)
+
     scale = cache.gamma * cache.inv_std
-    dx = np.multiply(x_hat, (dgamma / count).astype(dtype)[:, None])
-    dx += (dbeta / count).astype(dtype)[:, None]
-    np.subtract(g, dx, out=dx)
-    dx *= scale.astype(dtype)[:, None]
+    a_column = (dgamma / count).astype(dtype)[:, None]
+    b_column = (dbeta / count).astype(dtype)[:, None]
+    scale_column = scale.astype(dtype)[:, None]
+    dx = np.empty_like(g)
+    for slab in slabs:  # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat))
+        dx_part = np.multiply(x_hat[slab], a_column, out=dx[slab])
+        dx_part += b_column
+        np.subtract(g[slab], dx_part, out=dx_part)
+        dx_part *= scale_column
     return dx.reshape(dy.shape).astype(cache.x.dtype, copy=False), dgamma, dbeta
 
 
