@@ -123,10 +123,10 @@ class _BatchNormTraining(torch.autograd.Function):
 
         pivot   = x[0:1, :, 0:1, ...]              one sample per channel (a view, no copy)
         d       = (x - pivot) - mean(x - pivot)     = x - mean(x), the centred input (saved)
-        var     = mean(d * d)                       biased batch variance
+        var     = ||d||**2 / count                  biased batch variance (a norm: one pass)
         invstd  = 1 / sqrt(var + eps)
         scale   = weight * invstd                   so that y = d * scale + bias
-        y       = d * scale + bias
+        y       = addcmul(bias, d, scale)           one pass
 
     Subtracting a sample of each channel before averaging (the "shifted data" algorithm) keeps
     the mean and variance accurate when the mean is large compared with the spread, and makes a
@@ -135,9 +135,13 @@ class _BatchNormTraining(torch.autograd.Function):
     Backward, with ``g`` the incoming gradient and ``x_hat = d * invstd``::
 
         dx = scale * (g - mean(g) - x_hat * mean(g * x_hat))
-           = scale * g + p * d + q,   p = -scale * invstd**2 * mean(g * d),  q = -scale * mean(g)
+           = addcmul(q, g, scale) + p * d,  p = -scale * invstd**2 * mean(g * d),
+                                            q = -scale * mean(g)
         dweight = sum(g * x_hat) = invstd * sum(g * d)
         dbias   = sum(g)
+
+    Every full-size step is one PyTorch operation (five forward, five backward), chosen to make
+    as few passes over memory, and as few parallel regions, as plain tensor operations allow.
     """
 
     @staticmethod
@@ -162,14 +166,14 @@ class _BatchNormTraining(torch.autograd.Function):
         shifted_mean = centred.sum(dims, keepdim=True).div_(count)
         centred.sub_(shifted_mean)  # now x - mean(x)
 
-        output = torch.empty_like(centred)
-        torch.mul(centred, centred, out=output)  # scratch: the squares
-        var = output.sum(dims, keepdim=True).div_(count)
+        norm = torch.linalg.vector_norm(centred, 2, dims, keepdim=True)
+        var = norm.square_().div_(count)
         invstd = var.add(eps).rsqrt_()
         scale = invstd if weight is None else invstd * weight.to(dtype).view(shape)
-        torch.mul(centred, scale, out=output)
-        if bias is not None:
-            output.add_(bias.to(dtype).view(shape))
+        if bias is None:
+            output = torch.mul(centred, scale)
+        else:
+            output = torch.addcmul(bias.to(dtype).view(shape), centred, scale)
 
         if running_mean is not None and running_var is not None:
             mean = (pivot + shifted_mean).view(-1)
@@ -196,14 +200,13 @@ class _BatchNormTraining(torch.autograd.Function):
         if need_input or need_bias:
             sum_grad = grad.sum(dims, keepdim=True)
         if need_input or need_weight:
-            buffer = torch.empty_like(centred)
-            torch.mul(grad, centred, out=buffer)
+            buffer = torch.mul(grad, centred)
             sum_grad_centred = buffer.sum(dims, keepdim=True)
         if need_input:
             p = (scale * invstd * invstd).mul_(sum_grad_centred).mul_(-1.0 / count)
             q = (scale * sum_grad).mul_(-1.0 / count)
-            torch.mul(grad, scale, out=buffer)
-            buffer.addcmul_(centred, p).add_(q)
+            torch.addcmul(q, grad, scale, out=buffer)
+            buffer.addcmul_(centred, p)
             grad_input = buffer.to(ctx.input_dtype)
         if need_weight:
             grad_weight = (sum_grad_centred * invstd).view(-1).to(ctx.weight_dtype)
