@@ -92,3 +92,11 @@ def test_flattened_result_is_refused():
 
     with pytest.raises(ExerciseFailed, match="shape"):
         check_undo_batch_norm(flattened)
+
+
+def test_inverse_that_ignores_the_sign_of_gamma_is_refused():
+    def abs_gamma(y, gamma, beta, mean, var, eps=1e-5):
+        return reference_undo_batch_norm(y, np.abs(gamma), beta, mean, var, eps)
+
+    with pytest.raises(ExerciseFailed, match="negative"):
+        check_undo_batch_norm(abs_gamma)
