@@ -23,6 +23,10 @@ def test_shift_classifier_experiment_story():
     assert result.own_statistics["location_scale"] > result.source - 0.03
     assert result.training_statistics["location_scale"] < result.source - 0.1
     assert result.own_statistics["shape"] < result.source - 0.08
+    # the labels are [z1 + z2 > 0]: the fitted boundary is close to that line
+    assert result.weights.shape == (2,)
+    assert abs(result.weights[0] / result.weights[1] - 1.0) < 0.2
+    assert abs(result.intercept / result.weights[0]) < 0.1
 
 
 def test_batch_statistics_spread_follows_inverse_square_root():

@@ -95,11 +95,17 @@ class ShiftAccuracies:
     own_statistics : dict of str to float
         On each shifted population, standardised with its *own* mean and std, as batch norm
         does with the statistics of the batch in front of it.
+    weights : np.ndarray, shape (2,)
+        The classifier's weights on the standardised features.
+    intercept : float
+        Its intercept: it predicts class 1 where ``weights @ x + intercept > 0``.
     """
 
     source: float
     training_statistics: dict[str, float]
     own_statistics: dict[str, float]
+    weights: np.ndarray
+    intercept: float
 
 
 def shift_classifier_experiment(n: int = 2000, seed: int = 0) -> ShiftAccuracies:
@@ -130,6 +136,8 @@ def shift_classifier_experiment(n: int = 2000, seed: int = 0) -> ShiftAccuracies
         source=float(classifier.score(standardize(source.x_shifted, mean, std), source.y_shifted)),
         training_statistics={},
         own_statistics={},
+        weights=classifier.coef_[0].astype(np.float64),
+        intercept=float(classifier.intercept_[0]),
     )
     for shift in ("location_scale", "shape"):
         data = make_shift_data(shift, n_source=n, n_shifted=n, seed=seed)
