@@ -248,7 +248,7 @@ class Conditioning:
         version (``"raw"``, ``"standardised"``).
     excess_loss : dict of str to np.ndarray, shape (steps + 1,)
         Loss minus the minimal loss after each step of gradient descent (step size
-        1 / largest eigenvalue, the largest safe constant step).
+        1 / largest eigenvalue; steps beyond 2 / largest eigenvalue diverge).
     steps_to_tolerance : dict of str to int or None
         First step at which the excess loss is below ``tolerance`` times its initial value.
     """
