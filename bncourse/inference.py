@@ -36,6 +36,7 @@ __all__ = [
     "convert_momentum",
     "cumulative_momentum",
     "initial_value_weight",
+    "moving_average_weights",
     "is_batch_norm",
     "batch_norm_modules",
     "recompute_population_statistics",
@@ -145,6 +146,40 @@ def initial_value_weight(momentum: float, num_batches: int | np.ndarray) -> floa
         raise ValueError(f"initial_value_weight: momentum must be in [0, 1], got {momentum!r}")
     result = (1.0 - momentum) ** np.asarray(num_batches, dtype=np.float64)
     return float(result) if result.ndim == 0 else result
+
+
+def moving_average_weights(momentum: float | None, num_batches: int) -> tuple[np.ndarray, float]:
+    """How much each batch counts in a running statistic after ``num_batches`` updates.
+
+    The running value after ``t`` updates is ``w_0 * initial + sum_k w_k * batch_k``. With a
+    PyTorch-convention momentum ``m``, ``w_k = m (1 - m)**(t - k)`` decays geometrically into the
+    past and ``w_0 = (1 - m)**t``; with ``momentum=None`` (PyTorch's cumulative average) every
+    batch has ``w_k = 1 / t`` and ``w_0 = 0``. The weights sum to 1.
+
+    Parameters
+    ----------
+    momentum : float or None
+        PyTorch-convention momentum in [0, 1], or None for the cumulative average.
+    num_batches : int
+        Number of updates ``t`` >= 1.
+
+    Returns
+    -------
+    batch_weights : np.ndarray, shape (num_batches,)
+        ``w_1 .. w_t``, oldest batch first.
+    initial_weight : float
+        ``w_0``, the weight left on the initial value.
+    """
+    if not isinstance(num_batches, (int, np.integer)) or num_batches < 1:
+        raise ValueError(
+            f"moving_average_weights: num_batches must be an int >= 1, got {num_batches!r}"
+        )
+    if momentum is None:
+        return np.full(num_batches, 1.0 / num_batches), 0.0
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"moving_average_weights: momentum must be in [0, 1], got {momentum!r}")
+    age = np.arange(num_batches - 1, -1, -1, dtype=np.float64)  # updates since each batch
+    return momentum * (1.0 - momentum) ** age, float((1.0 - momentum) ** num_batches)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,6 +99,27 @@ def test_initial_value_weight():
         inference.initial_value_weight(2.0, 3)
 
 
+@pytest.mark.parametrize("momentum", [0.1, 0.01, 0.5, 1.0, 0.0, None])
+def test_moving_average_weights_reproduce_the_running_value(momentum):
+    values = torch.arange(1.0, 13.0).reshape(12, 1) ** 1.5
+    layer = nn.BatchNorm1d(1, momentum=momentum)
+    layer.running_mean.fill_(-3.0)
+    for value in values:
+        layer(torch.cat([value - 1, value + 1]).reshape(2, 1))  # batch mean = value
+    weights, initial = inference.moving_average_weights(momentum, len(values))
+    assert weights.shape == (12,)
+    assert weights.sum() + initial == pytest.approx(1.0)
+    expected = float(weights @ values[:, 0].double().numpy()) + initial * -3.0
+    assert layer.running_mean.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_moving_average_weights_errors():
+    with pytest.raises(ValueError):
+        inference.moving_average_weights(0.1, 0)
+    with pytest.raises(ValueError):
+        inference.moving_average_weights(-0.5, 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Population statistics
 
@@ -158,6 +179,17 @@ def test_recompute_is_the_average_of_batch_statistics(bn_impl):
     torch.testing.assert_close(first.norm.running_mean, torch.stack([v.mean(0) for v in z]).mean(0))
     torch.testing.assert_close(first.norm.running_var, torch.stack([v.var(0) for v in z]).mean(0))
     assert int(first.norm.num_batches_tracked) == 6
+
+
+def test_recompute_matches_pytorchs_update_bn():
+    torch.manual_seed(2)
+    model = _mlp("torch")
+    reference = copy.deepcopy(model)
+    batches = [torch.randn(12, 8) * 2 for _ in range(4)]
+    inference.recompute_population_statistics(model, batches)
+    torch.optim.swa_utils.update_bn(batches, reference)
+    for ours, theirs in zip(model.buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(ours, theirs)
 
 
 def test_recompute_restores_modes_and_momentum_and_keeps_parameters():

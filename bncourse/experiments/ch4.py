@@ -604,14 +604,15 @@ def folding_speedup(
     data: Dataset,
     *,
     batch_sizes: tuple[int, ...] = (1, 1000),
-    repeats: int = 101,
-    number: int = 2,
+    repeats: int = 201,
+    number: int = 1,
 ) -> FoldingSpeedup:
     """Fold every batch norm of ``model``, compare outputs and time both (one CPU thread).
 
-    Many short repeats (``number`` passes each) alternate between the two models; on a shared
-    machine a repeat that gets preempted is then an outlier that the median ignores, whereas long
-    repeats would almost all contain some preemption.
+    Many short repeats (``number`` passes each) alternate between the two models. On a shared
+    machine with more busy processes than cores, a repeat that gets preempted takes several
+    milliseconds longer; with short repeats fewer than half of them are hit, so the median
+    ignores them, whereas long repeats would almost all contain some preemption.
     """
     device = next(model.parameters()).device
     reference = copy.deepcopy(model).eval()
