@@ -54,6 +54,17 @@ def test_statistics_over_training():
     assert slow > fast  # the slow average lags more
 
 
+def test_experiments_restore_the_thread_count():
+    threads = torch.get_num_threads()
+    ch4.statistics_over_training(
+        steps=2, momenta=(0.1,), eval_every=2, depth=1, width=8, device="cpu", cpu_threads=1
+    )
+    ch4.small_batch_mismatch(
+        batch_sizes=(4,), examples=8, finetune_steps=1, device="cpu", cpu_threads=1
+    )
+    assert torch.get_num_threads() == threads
+
+
 def test_statistics_over_training_is_deterministic():
     kwargs = dict(steps=10, momenta=(0.1,), eval_every=5, depth=1, width=16, seed=3, device="cpu")
     first = ch4.statistics_over_training(**kwargs)

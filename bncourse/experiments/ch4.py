@@ -19,6 +19,7 @@ in dataclasses); the notebook plots and asserts. The models are the digits MLPs 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -57,6 +58,22 @@ __all__ = [
 
 def _device(device: torch.device | str | None) -> torch.device:
     return get_device() if device is None else torch.device(device)
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None):
+    """Run with ``torch.set_num_threads(threads)`` (None: unchanged), restoring it afterwards.
+
+    One thread is the fastest for these small models and avoids the large slow-down of several
+    intra-op threads on cores shared with other processes.
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def train_bn_mlp(
@@ -313,57 +330,60 @@ def statistics_over_training(
     width: int = 100,
     seed: int = 0,
     device: torch.device | str | None = None,
+    cpu_threads: int | None = 1,
 ) -> StatisticsOverTraining:
     """Train a BN MLP and evaluate it every ``eval_every`` steps with several kinds of statistics.
 
     The training itself does not depend on the momentum (the running averages are only read in
     evaluation mode), so one training run serves every momentum: the averages are kept by forward
-    hooks. Uses ``torch.nn.BatchNorm1d`` layers (faster for many small steps).
+    hooks. Uses ``torch.nn.BatchNorm1d`` layers (faster for many small steps). Runs with
+    ``cpu_threads`` CPU threads (None: the current setting), restored afterwards.
     """
-    device = _device(device)
-    data = load_digits(seed=seed)
-    x_train, y_train, x_test, y_test = data.tensors(device)
-    model = make_mlp(
-        data.num_features,
-        10,
-        depth=depth,
-        width=width,
-        activation="relu",
-        norm="bn",
-        bn_impl="torch",
-        seed=seed,
-    ).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    shadows = _ShadowAverages(model, momenta)
-    names = [f"moving average, momentum {m:g}" for m in momenta]
-    result = StatisticsOverTraining(
-        steps=np.array([s for s in range(steps + 1) if s % eval_every == 0 or s == steps])
-    )
-    accuracy = {name: [] for name in names + ["recomputed"]}
-    errors = {name: [] for name in names + ["recomputed"]}
-    torch.manual_seed(seed)
-    batches = iter(BatchSampler(data.num_train, batch_size, seed=seed))
-    for step in range(steps + 1):
-        if step in result.steps:
-            population = copy.deepcopy(model)
-            recompute_population_statistics(population, [x_train])
-            true_var = batch_norm_modules(population)[0].running_var
-            candidates = [shadows.model_with(model, m) for m in momenta] + [population]
-            for name, candidate in zip(names + ["recomputed"], candidates, strict=True):
-                accuracy[name].append(evaluate(candidate, x_test, y_test)[1])
-                var = batch_norm_modules(candidate)[0].running_var
-                errors[name].append(float(torch.log(var / true_var).abs().mean()))
-        if step == steps:
-            break
-        index = torch.from_numpy(next(batches)).to(device)
-        loss = F.cross_entropy(model(x_train[index]), y_train[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    shadows.remove()
-    result.accuracy = {k: np.array(v) for k, v in accuracy.items()}
-    result.variance_error = {k: np.array(v) for k, v in errors.items()}
-    return result
+    with _cpu_threads(cpu_threads):
+        device = _device(device)
+        data = load_digits(seed=seed)
+        x_train, y_train, x_test, y_test = data.tensors(device)
+        model = make_mlp(
+            data.num_features,
+            10,
+            depth=depth,
+            width=width,
+            activation="relu",
+            norm="bn",
+            bn_impl="torch",
+            seed=seed,
+        ).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        shadows = _ShadowAverages(model, momenta)
+        names = [f"moving average, momentum {m:g}" for m in momenta]
+        result = StatisticsOverTraining(
+            steps=np.array([s for s in range(steps + 1) if s % eval_every == 0 or s == steps])
+        )
+        accuracy = {name: [] for name in names + ["recomputed"]}
+        errors = {name: [] for name in names + ["recomputed"]}
+        torch.manual_seed(seed)
+        batches = iter(BatchSampler(data.num_train, batch_size, seed=seed))
+        for step in range(steps + 1):
+            if step in result.steps:
+                population = copy.deepcopy(model)
+                recompute_population_statistics(population, [x_train])
+                true_var = batch_norm_modules(population)[0].running_var
+                candidates = [shadows.model_with(model, m) for m in momenta] + [population]
+                for name, candidate in zip(names + ["recomputed"], candidates, strict=True):
+                    accuracy[name].append(evaluate(candidate, x_test, y_test)[1])
+                    var = batch_norm_modules(candidate)[0].running_var
+                    errors[name].append(float(torch.log(var / true_var).abs().mean()))
+            if step == steps:
+                break
+            index = torch.from_numpy(next(batches)).to(device)
+            loss = F.cross_entropy(model(x_train[index]), y_train[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        shadows.remove()
+        result.accuracy = {k: np.array(v) for k, v in accuracy.items()}
+        result.variance_error = {k: np.array(v) for k, v in errors.items()}
+        return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,71 +521,74 @@ def small_batch_mismatch(
     finetune_lr: float = 0.02,
     seed: int = 0,
     device: torch.device | str | None = None,
+    cpu_threads: int | None = 1,
 ) -> SmallBatchMismatch:
     """Train one BN MLP per batch size on ``examples`` examples, then measure the train/eval gap.
 
     Every model sees the same number of examples, with the learning rate proportional to the
     batch size (``lr = lr_per_example * batch_size``). Uses ``torch.nn.BatchNorm1d`` layers.
+    Runs with ``cpu_threads`` CPU threads (None: the current setting), restored afterwards.
     """
-    device = _device(device)
-    data = load_digits(seed=seed)
-    x_train, y_train, x_test, y_test = data.tensors(device)
-    rows = []
-    for batch_size in batch_sizes:
-        model = make_mlp(
-            data.num_features,
-            10,
-            depth=3,
-            width=100,
-            activation="relu",
-            norm="bn",
-            bn_impl="torch",
-            seed=seed,
-        ).to(device)
-        _sgd_steps(
-            model,
-            x_train,
-            y_train,
-            batch_size,
-            examples // batch_size,
-            lr_per_example * batch_size,
-            seed,
-        )
-        with torch.no_grad():
-            order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))
-            probe = copy.deepcopy(model).train()
-            logits = _batched_logits(probe, x_train, order.to(device), batch_size)
-            train_mode = float((logits.argmax(1) == y_train).float().mean())
-            eval_logits = copy.deepcopy(model).eval()(x_train)
-            disagreement = float((logits.argmax(1) != eval_logits.argmax(1)).float().mean())
-        eval_mode = evaluate(model, x_train, y_train)[1]
-        test_eval_mode = evaluate(model, x_test, y_test)[1]
-        recompute_population_statistics(model, [x_train])
-        recomputed = evaluate(model, x_train, y_train)[1]
-        _sgd_steps(
-            model,
-            x_train,
-            y_train,
-            finetune_batch_size,
-            finetune_steps,
-            finetune_lr,
-            seed + 1,
-            freeze_batch_norm=True,
-        )
-        finetuned = evaluate(model, x_train, y_train)[1]
-        rows.append(
-            (
-                train_mode,
-                eval_mode,
-                disagreement,
-                recomputed,
-                finetuned,
-                test_eval_mode,
-                evaluate(model, x_test, y_test)[1],
+    with _cpu_threads(cpu_threads):
+        device = _device(device)
+        data = load_digits(seed=seed)
+        x_train, y_train, x_test, y_test = data.tensors(device)
+        rows = []
+        for batch_size in batch_sizes:
+            model = make_mlp(
+                data.num_features,
+                10,
+                depth=3,
+                width=100,
+                activation="relu",
+                norm="bn",
+                bn_impl="torch",
+                seed=seed,
+            ).to(device)
+            _sgd_steps(
+                model,
+                x_train,
+                y_train,
+                batch_size,
+                examples // batch_size,
+                lr_per_example * batch_size,
+                seed,
             )
-        )
-    columns = np.array(rows).T
-    return SmallBatchMismatch(np.asarray(batch_sizes), *columns)
+            with torch.no_grad():
+                order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))
+                probe = copy.deepcopy(model).train()
+                logits = _batched_logits(probe, x_train, order.to(device), batch_size)
+                train_mode = float((logits.argmax(1) == y_train).float().mean())
+                eval_logits = copy.deepcopy(model).eval()(x_train)
+                disagreement = float((logits.argmax(1) != eval_logits.argmax(1)).float().mean())
+            eval_mode = evaluate(model, x_train, y_train)[1]
+            test_eval_mode = evaluate(model, x_test, y_test)[1]
+            recompute_population_statistics(model, [x_train])
+            recomputed = evaluate(model, x_train, y_train)[1]
+            _sgd_steps(
+                model,
+                x_train,
+                y_train,
+                finetune_batch_size,
+                finetune_steps,
+                finetune_lr,
+                seed + 1,
+                freeze_batch_norm=True,
+            )
+            finetuned = evaluate(model, x_train, y_train)[1]
+            rows.append(
+                (
+                    train_mode,
+                    eval_mode,
+                    disagreement,
+                    recomputed,
+                    finetuned,
+                    test_eval_mode,
+                    evaluate(model, x_test, y_test)[1],
+                )
+            )
+        columns = np.array(rows).T
+        return SmallBatchMismatch(np.asarray(batch_sizes), *columns)
 
 
 # ---------------------------------------------------------------------------------------------
