@@ -455,7 +455,9 @@ def batch_norm_inference(
 ) -> np.ndarray:
     """Normalise ``x`` with fixed statistics: a per-channel affine map ``y = a * x + b``.
 
-    ``running_var`` is used as given (PyTorch stores the unbiased estimate there).
+    ``running_var`` is used as given (PyTorch stores the unbiased estimate there). The map is
+    applied as ``(x - mean) * a + beta``, centring first, so that it stays accurate for inputs
+    with a large mean; the output has the dtype of ``x``.
     """
     x = _check_input(x)
     channels = x.shape[1]
@@ -467,11 +469,17 @@ def batch_norm_inference(
     beta64 = _check_per_channel("beta", beta, channels)
     inv_std = 1.0 / np.sqrt(var + eps)
     scale = inv_std if gamma64 is None else gamma64 * inv_std
-    shift = 0.0 if beta64 is None else beta64
-    ndim = x.ndim
-    centred = x - _per_channel(mean, ndim).astype(x.dtype)
-    y = centred * _per_channel(scale, ndim).astype(x.dtype)
-    return (y + _per_channel(shift + np.zeros(channels), ndim).astype(x.dtype)).astype(x.dtype)
+    # mean = high + low with high in the working dtype: x - high loses nothing to cancellation
+    # however large the mean, and the remainder goes into the shift,
+    # y = (x - high) * scale + (beta - low * scale)
+    dtype = _working_dtype(x.dtype)
+    high = mean.astype(dtype)
+    low = mean - high
+    shift = -low * scale if beta64 is None else beta64 - low * scale
+    y = np.subtract(_as_rows(x, dtype), high[:, None])
+    y *= scale.astype(dtype)[:, None]
+    y += shift.astype(dtype)[:, None]
+    return y.reshape(x.shape).astype(x.dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------

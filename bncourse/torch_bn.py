@@ -224,9 +224,10 @@ class _BatchNormTraining(torch.autograd.Function):
 
 
 class _BatchNormEvaluation(torch.autograd.Function):
-    """Batch norm with fixed statistics: ``y = x * scale + shift`` per channel.
+    """Batch norm with fixed statistics: ``y = (x - running_mean) * scale + bias`` per channel.
 
-    ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``.
+    ``scale = weight / sqrt(running_var + eps)``; centring first keeps the map accurate for
+    inputs with a large mean.
     Backward: ``dx = g * scale``, ``dweight = sum(g * (x - running_mean)) / sqrt(running_var +
     eps)``, ``dbias = sum(g)``. The running statistics get no gradient.
     """
@@ -246,8 +247,13 @@ class _BatchNormEvaluation(torch.autograd.Function):
         mean = running_mean.to(dtype)
         invstd = running_var.to(dtype).add(eps).rsqrt_()
         scale = invstd if weight is None else invstd * weight.to(dtype)
-        shift = -mean * scale if bias is None else bias.to(dtype) - mean * scale
-        output = torch.mul(input.to(dtype), scale.view(shape)).add_(shift.view(shape))
+        # centre first, (x - mean) * scale + bias, rather than x * scale + (bias - mean * scale):
+        # the same two passes, without cancellation when the mean is large
+        output = torch.sub(input.to(dtype), mean.view(shape))
+        if bias is None:
+            output.mul_(scale.view(shape))
+        else:
+            torch.addcmul(bias.to(dtype).view(shape), output, scale.view(shape), out=output)
 
         ctx.save_for_backward(input if ctx.needs_input_grad[1] else None, mean, invstd, scale)
         ctx.weight_dtype = None if weight is None else weight.dtype

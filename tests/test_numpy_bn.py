@@ -237,6 +237,32 @@ def test_large_mean_float32_stays_accurate(shape):
     np.testing.assert_allclose(dgamma, dgamma_ref, rtol=1e-4, atol=1e-2)
 
 
+def test_large_mean_float32_stays_accurate_in_evaluation():
+    rng = np.random.default_rng(12)
+    x = (1e4 + rng.standard_normal((16, 3, 4, 4))).astype(np.float32)
+    running_mean = 1e4 + 0.1 * rng.standard_normal(3)  # float64, not a float32 number
+    running_var = rng.uniform(0.5, 2.0, 3)
+    gamma, beta = rng.uniform(0.5, 2.0, 3), rng.standard_normal(3)
+    column = (1, 3, 1, 1)
+    reference = (x.astype(np.float64) - running_mean.reshape(column)) / np.sqrt(
+        running_var.reshape(column) + 1e-5
+    ) * gamma.reshape(column) + beta.reshape(column)
+    y = batch_norm_inference(x, running_mean, running_var, gamma, beta)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, reference, rtol=0, atol=1e-5)
+    layer = BatchNorm(3)
+    layer.load_state_dict(
+        {
+            "weight": gamma,
+            "bias": beta,
+            "running_mean": running_mean,
+            "running_var": running_var,
+            "num_batches_tracked": 1,
+        }
+    )
+    np.testing.assert_allclose(layer.eval()(x), reference, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("value", [0.0, 3.0, -1234.5678])
 def test_constant_channel_gives_beta_exactly_and_finite_gradients(dtype, value):

@@ -433,6 +433,21 @@ def test_large_mean_float32_stays_accurate():
     )
 
 
+def test_large_mean_float32_stays_accurate_in_evaluation():
+    gen = generator("large-mean-eval")
+    x = (1e4 + torch.randn(16, 3, 4, 4, generator=gen, dtype=torch.float64)).float()
+    running_mean = (1e4 + 0.1 * torch.randn(3, generator=gen, dtype=torch.float64)).float()
+    running_var = torch.rand(3, generator=gen) + 0.5
+    weight, bias = torch.rand(3, generator=gen) + 0.5, torch.randn(3, generator=gen)
+    view = (1, 3, 1, 1)
+    reference = (x.double() - running_mean.double().view(view)) / torch.sqrt(
+        running_var.double().view(view) + 1e-5
+    ) * weight.double().view(view) + bias.double().view(view)
+    y = batch_norm(x, running_mean, running_var, weight, bias, training=False)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), reference, rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
