@@ -149,11 +149,11 @@ def _slabs(a3: np.ndarray) -> list[slice]:
 
 
 class _Float64Sums:
-    """Per-channel sums of (N, C, M) slabs accumulated in float64.
+    """Per-channel sums and sums of squares of (N, C, M) slabs, accumulated in float64.
 
     A float32 slab is first copied into a float64 scratch slab (in cache); the sums over each
-    row of M values are then BLAS products with a vector of ones (``sum``) or ``einsum``
-    (``sum of squares``), all in float64.
+    row of M values are then a BLAS product with a vector of ones, the sums of squares an
+    ``einsum``, both in float64.
     """
 
     def __init__(self, a3: np.ndarray, slab: slice) -> None:
@@ -164,14 +164,21 @@ class _Float64Sums:
         self.total = np.zeros(a3.shape[1])
         self.total_squares = np.zeros(a3.shape[1])
 
-    def add(self, part: np.ndarray, squares: bool = False) -> None:
-        if not self.float64:
-            work = self.scratch[: part.shape[0]]
-            np.copyto(work, part)
-            part = work
-        self.total += (part @ self.ones).sum(axis=0)
-        if squares:
-            self.total_squares += np.einsum("ncm,ncm->c", part, part)
+    def add(self, part: np.ndarray) -> None:
+        """Add the sums of ``part``, a slab (k, C, M)."""
+        self.total += (self._float64(part) @ self.ones).sum(axis=0)
+
+    def add_squares(self, part: np.ndarray) -> None:
+        """Add the sums of squares of ``part``, a slab (k, C, M)."""
+        part = self._float64(part)
+        self.total_squares += np.einsum("ncm,ncm->c", part, part)
+
+    def _float64(self, part: np.ndarray) -> np.ndarray:
+        if self.float64:
+            return part
+        work = self.scratch[: part.shape[0]]
+        np.copyto(work, part)
+        return work
 
 
 def _centre(
@@ -184,11 +191,12 @@ def _centre(
     1. ``mean`` = the float64 sum of every channel over its ``count`` values, over ``count``.
     2. The mean is split into a working-dtype part and a small remainder, ``mean = high +
        low``, and ``d = x - high`` is computed in the working dtype: no cancellation however
-       large the mean is (for values close to ``high`` the subtraction is exact). ``sum(d)``
-       and ``sum(d**2)`` are accumulated in float64, which gives the sum of squared deviations
-       from the exact mean, ``sum((d - low)**2) = sum(d**2) - 2 * low * sum(d) + count *
-       low**2``, and ``d -= low`` follows (skipped when ``|low|`` is below ``2**-30`` standard
-       deviations, where it changes no float32 result).
+       large the mean is (for values close to ``high`` the subtraction is exact). ``sum(d**2)``
+       is accumulated in float64; as ``sum(d) = count * low`` (up to the rounding of ``d``),
+       the sum of squared deviations from the exact mean is ``sum((d - low)**2) = sum(d**2) -
+       count * low**2``, where ``low**2`` is below the square of float32's resolution of the
+       mean. Then ``d -= low`` (skipped when ``|low|`` is below ``2**-30`` standard deviations,
+       where it changes no float32 result).
 
     A constant channel has ``mean`` exactly its value, so ``d`` is exactly 0. ``out``, if given,
     is a C-contiguous (N, C, M) array of the working dtype to hold ``d``.
@@ -210,10 +218,8 @@ def _centre(
     centred = np.empty_like(x3) if out is None else out
     sums = _Float64Sums(x3, slabs[0])
     for slab in slabs:
-        part = np.subtract(x3[slab], high_column, out=centred[slab])
-        sums.add(part, squares=True)
-    squares = sums.total_squares - 2.0 * low * sums.total + count * low * low
-    var = np.maximum(squares, 0.0) / count
+        sums.add_squares(np.subtract(x3[slab], high_column, out=centred[slab]))
+    var = np.maximum(sums.total_squares / count - low * low, 0.0)
     if np.any(np.abs(low) > 2.0**-30 * np.sqrt(var)):
         centred -= low.astype(dtype)[:, None]
     return centred, mean, var
