@@ -126,7 +126,7 @@ class _BatchNormTraining(torch.autograd.Function):
         var     = sum(d * d) / count                biased batch variance
         invstd  = 1 / sqrt(var + eps)
         scale   = weight * invstd                   so that y = d * scale + bias
-        y       = addcmul(bias, d, scale)           one pass
+        y       = d * scale + bias
 
     Subtracting a sample of each channel before averaging (the "shifted data" algorithm) keeps
     the mean and variance accurate when the mean is large compared with the spread, and makes a
@@ -135,15 +135,15 @@ class _BatchNormTraining(torch.autograd.Function):
     Backward, with ``g`` the incoming gradient and ``x_hat = d * invstd``::
 
         dx = scale * (g - mean(g) - x_hat * mean(g * x_hat))
-           = addcmul(q, g, scale) + p * d,  p = -scale * invstd**2 * mean(g * d),
-                                            q = -scale * mean(g)
+           = scale * g + p * d + q,   p = -scale * invstd**2 * mean(g * d),  q = -scale * mean(g)
         dweight = sum(g * x_hat) = invstd * sum(g * d)
         dbias   = sum(g)
 
-    Every full-size step is one PyTorch operation (six forward, five backward), chosen to make
-    few passes over memory and few parallel regions with plain tensor operations.
-    (``torch.linalg.vector_norm`` would fuse the squares into their sum, but it is slower than
-    the two operations on the CPU, and over ten times slower on channels-last input.)
+    Seven full-size operations forward and five backward, chosen by timing on the CPU: three
+    allocations (the centred input, the output, the input gradient), the squares written into
+    the output's memory before the output is. Some fusions are slower than what they replace:
+    ``torch.linalg.vector_norm`` for the sum of squares (and over ten times slower on
+    channels-last input), ``addcmul`` into the squares' buffer for ``d * scale + bias``.
     """
 
     @staticmethod
@@ -173,10 +173,9 @@ class _BatchNormTraining(torch.autograd.Function):
         var = output.sum(dims, keepdim=True).div_(count)
         invstd = var.add(eps).rsqrt_()
         scale = invstd if weight is None else invstd * weight.to(dtype).view(shape)
-        if bias is None:
-            torch.mul(centred, scale, out=output)
-        else:
-            torch.addcmul(bias.to(dtype).view(shape), centred, scale, out=output)
+        torch.mul(centred, scale, out=output)
+        if bias is not None:  # (addcmul with two broadcast operands is slower than the two)
+            output.add_(bias.to(dtype).view(shape))
 
         if running_mean is not None and running_var is not None:
             mean = (pivot + shifted_mean).view(-1)
