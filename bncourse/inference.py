@@ -6,8 +6,8 @@ examples it is processed with. This module holds the reusable pieces of chapter 
 
 * :func:`convert_momentum`: translate a momentum between PyTorch's convention (the weight of the
   new batch, default 0.1) and Keras/TensorFlow's (the weight of the old average, default 0.99);
-  :func:`initial_value_weight` and :func:`cumulative_momentum` describe what an exponential or a
-  cumulative moving average keeps of the past.
+  :func:`initial_value_weight`, :func:`moving_average_weights` and :func:`cumulative_momentum`
+  describe what an exponential or a cumulative moving average keeps of the past.
 * :func:`batch_norm_modules`, :func:`recompute_population_statistics`: reset every batch-norm
   layer of a model and recompute its statistics in one pass over data, with ``momentum=None``
   (a cumulative average), for ``torch.nn`` and :mod:`bncourse.torch_bn` layers alike.
