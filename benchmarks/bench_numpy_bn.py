@@ -5,8 +5,9 @@ Both run in the same process, in training mode, on the same float32 input, one t
 (ours, native, ours, native, ...) so that slow drifts of the machine hit both alike. Each
 repetition times ``y = bn(x)`` then the gradient with respect to the input, the weight and the
 bias for an upstream gradient ``dy``; the script prints the median and the spread of each and
-the ratio of the medians ours / native. The functional pair ``batch_norm_forward`` +
-``batch_norm_backward`` is timed as well.
+the ratio of the medians ours / native, in wall-clock time and in the process's CPU time (on a
+busy machine, CPU time leaves out the time the process waits for a core). The functional pair
+``batch_norm_forward`` + ``batch_norm_backward`` is timed as well.
 
 With ``--device cuda`` the native module runs on the GPU (NumPy stays on the CPU; the ratio is
 then printed for information only) and the script prints the achieved memory bandwidth of each
@@ -93,28 +94,28 @@ def main() -> None:
     x_native = torch.from_numpy(x).to(device).requires_grad_(True)
     dy_native = torch.from_numpy(dy).to(device)
 
-    def step_ours() -> float:
-        begin = time.perf_counter()
+    def step_ours() -> None:
         ours(x)
         ours.backward(dy)
-        return time.perf_counter() - begin
 
-    def step_functional() -> float:
-        begin = time.perf_counter()
+    def step_functional() -> None:
         _, cache = batch_norm_forward(x, gamma, beta)
         batch_norm_backward(dy, cache)
-        return time.perf_counter() - begin
 
-    def step_native() -> float:
+    def step_native() -> None:
         x_native.grad = None
         native.weight.grad = native.bias.grad = None
-        if cuda:
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
         native(x_native).backward(dy_native)
+
+    def timed(step) -> tuple[float, float]:
+        """Wall-clock and CPU seconds of one call of ``step``."""
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - begin
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     steps = {
         "numpy_bn.BatchNorm": step_ours,
@@ -125,9 +126,12 @@ def main() -> None:
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.repeats):
         for name, step in steps.items():
-            times[name].append(step())
+            wall, cpu = timed(step)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
 
     load = os.getloadavg()
     print(
@@ -143,12 +147,16 @@ def main() -> None:
         print(
             f"  {name:20s} median {medians[name] * 1e3:8.3f} ms   "
             f"(quartiles {quartiles[0] * 1e3:.3f} .. {quartiles[2] * 1e3:.3f} ms, "
-            f"min {min(values) * 1e3:.3f} ms)"
+            f"min {min(values) * 1e3:.3f} ms; CPU time median "
+            f"{statistics.median(cpu_times[name]) * 1e3:.3f} ms)"
         )
+    note = " (NumPy on the CPU, native on CUDA: for information)" if cuda else ""
     for name in ("numpy_bn.BatchNorm", "forward+backward fn"):
         ratio = medians[name] / medians["torch native"]
-        note = " (NumPy on the CPU, native on CUDA: for information)" if cuda else ""
-        print(f"  ratio {name} / native = {ratio:.3f}{note}")
+        cpu_ratio = statistics.median(cpu_times[name]) / statistics.median(
+            cpu_times["torch native"]
+        )
+        print(f"  ratio {name} / native = {ratio:.3f} wall clock, {cpu_ratio:.3f} CPU time{note}")
     if cuda:
         bandwidth = copy_bandwidth(device)
         moved = 5 * x.nbytes

@@ -3,7 +3,8 @@
 Both run in the same process, in training mode, on the same input, alternating (ours, native,
 ours, native, ...) so that slow drifts of the machine hit both alike. Each repetition times
 ``y = bn(x); y.backward(dy)``; the script prints the median and the spread of each and the ratio
-of the medians ours / native.
+of the medians ours / native. On the CPU it also times separate interleaved repetitions in the
+process's CPU time, which leaves out the time spent waiting for a core on a busy machine.
 
 On CUDA it times with CUDA events around each repetition (after a synchronisation) and also prints
 the achieved memory bandwidth under a minimum-traffic model, as a fraction of the copy bandwidth
@@ -101,6 +102,16 @@ def time_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, cuda: 
     return time.perf_counter() - begin
 
 
+def cpu_time_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> float:
+    """CPU seconds (all threads of the process) for one ``y = module(x); y.backward(dy)``."""
+    x.grad = None
+    for parameter in module.parameters():
+        parameter.grad = None
+    begin = time.process_time()
+    module(x).backward(dy)
+    return time.process_time() - begin
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.repeats < 30:
@@ -123,9 +134,13 @@ def main(argv: list[str] | None = None) -> None:
         time_step(ours, x, dy, cuda)
         time_step(native, x, dy, cuda)
     times: dict[str, list[float]] = {"ours": [], "native": []}
+    cpu_times: dict[str, list[float]] = {"ours": [], "native": []}
     for _ in range(args.repeats):
         times["ours"].append(time_step(ours, x, dy, cuda))
         times["native"].append(time_step(native, x, dy, cuda))
+        if not cuda:
+            cpu_times["ours"].append(cpu_time_step(ours, x, dy))
+            cpu_times["native"].append(cpu_time_step(native, x, dy))
 
     where = f"{device}" + ("" if cuda else f", {torch.get_num_threads()} threads")
     layout = "channels_last" if args.channels_last else "contiguous"
@@ -145,7 +160,14 @@ def main(argv: list[str] | None = None) -> None:
             f"(quartiles {quartiles[0] * 1e3:.3f} .. {quartiles[2] * 1e3:.3f} ms, "
             f"min {min(values) * 1e3:.3f} ms)"
         )
-    print(f"  ratio ours / native = {medians['ours'] / medians['native']:.3f}")
+    print(f"  ratio ours / native = {medians['ours'] / medians['native']:.3f} (wall clock)")
+    if not cuda:
+        cpu = {name: statistics.median(values) for name, values in cpu_times.items()}
+        print(
+            f"  CPU time (all threads) median: ours {cpu['ours'] * 1e3:.3f} ms, native "
+            f"{cpu['native'] * 1e3:.3f} ms, ratio {cpu['ours'] / cpu['native']:.3f} (includes "
+            "threads spinning at the end of each parallel region)"
+        )
 
     if cuda:
         tensor_bytes = x.numel() * x.element_size()
