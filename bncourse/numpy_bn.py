@@ -141,11 +141,59 @@ def _as_rows(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype).reshape(a.shape[0], a.shape[1], -1)
 
 
+class _PerChannel:
+    """Slabs of an (N, C, M) array, and per-channel constants that NumPy applies fast.
+
+    Broadcasting a (C, 1) column over rows of M values runs NumPy's loops once per row, two to
+    three times slower than an elementwise operation of two contiguous arrays when rows are
+    short (M = 1024 and less). So for M < _LONG_ROW a per-channel vector becomes a contiguous
+    "constant" row: each channel's value repeated M times, the pattern repeated for ``repeat``
+    samples (about _LONG_ROW values in all), and a slab of k samples is viewed as a (k /
+    repeat, repeat * C * M) array against it. Long rows keep the (C, 1) column.
+
+    ``slabs`` are slices of whole samples of about _SLAB_VALUES values, multiples of
+    ``repeat`` (except the last).
+    """
+
+    def __init__(self, shape3: tuple[int, int, int]) -> None:
+        n, channels, m = shape3
+        self.m, self.width = m, channels * m
+        if m >= _LONG_ROW:
+            self.repeat = 0  # columns
+            per_slab = max(1, _SLAB_VALUES // self.width)
+        else:
+            self.repeat = max(1, min(n, -(-_LONG_ROW // self.width)))
+            per_slab = self.repeat * max(1, _SLAB_VALUES // (self.width * self.repeat))
+        self.slabs = [slice(start, min(start + per_slab, n)) for start in range(0, n, per_slab)]
+
+    def constant(self, vector: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """The per-channel ``vector`` (C,) as a constant to use with :meth:`pieces`."""
+        values = np.asarray(vector).astype(dtype)
+        if not self.repeat:
+            return values[:, None]
+        return np.tile(np.repeat(values, self.m), self.repeat)
+
+    def pieces(self, slab: slice, constants: list, *arrays: np.ndarray):
+        """Yield ``(views, constants)``: the arrays' samples in ``slab`` (one or two pieces),
+        reshaped to broadcast against the constants, which are trimmed to match."""
+        if not self.repeat:
+            yield [a[slab] for a in arrays], constants
+            return
+        start, stop = slab.start, slab.stop
+        whole = stop - start - (stop - start) % self.repeat
+        if whole:
+            rows = slice(start, start + whole)
+            shape = (whole // self.repeat, self.repeat * self.width)
+            yield [a[rows].reshape(shape) for a in arrays], constants
+        if start + whole < stop:
+            rows = slice(start + whole, stop)
+            shape = (stop - start - whole, self.width)
+            yield [a[rows].reshape(shape) for a in arrays], [c[: self.width] for c in constants]
+
+
 def _slabs(a3: np.ndarray) -> list[slice]:
-    """Slices of whole samples (axis 0) of about _SLAB_VALUES values each."""
-    n = a3.shape[0]
-    per_slab = max(1, _SLAB_VALUES // max(1, a3[0].size))
-    return [slice(start, min(start + per_slab, n)) for start in range(0, n, per_slab)]
+    """The slabs of :class:`_PerChannel` for ``a3`` (N, C, M)."""
+    return _PerChannel(a3.shape).slabs
 
 
 class _Float64Sums:
@@ -166,12 +214,18 @@ class _Float64Sums:
 
     def add(self, part: np.ndarray) -> None:
         """Add the sums of ``part``, a slab (k, C, M)."""
-        self.total += (self._float64(part) @ self.ones).sum(axis=0)
+        if part.shape[2] == 1:  # (N, C) input: add up rows of C values
+            self.total += part[:, :, 0].sum(axis=0, dtype=np.float64)
+        else:
+            self.total += (self._float64(part) @ self.ones).sum(axis=0)
 
     def add_squares(self, part: np.ndarray) -> None:
         """Add the sums of squares of ``part``, a slab (k, C, M)."""
         part = self._float64(part)
-        self.total_squares += np.einsum("ncm,ncm->c", part, part)
+        if part.shape[2] == 1:
+            self.total_squares += np.einsum("nc,nc->c", part[:, :, 0], part[:, :, 0])
+        else:
+            self.total_squares += np.einsum("ncm,ncm->c", part, part)
 
     def _float64(self, part: np.ndarray) -> np.ndarray:
         if self.float64:
@@ -205,7 +259,8 @@ def _centre(
     x3 = _as_rows(x, dtype)
     n, channels, m = x3.shape
     count = n * m
-    slabs = _slabs(x3)
+    layout = _PerChannel(x3.shape)
+    slabs = layout.slabs
 
     sums = _Float64Sums(x3, slabs[0])
     for slab in slabs:
@@ -213,12 +268,16 @@ def _centre(
     mean = sums.total / count
     high = mean.astype(dtype)
     low = mean - high
-    high_column = high[:, None]
+    high_constant = layout.constant(high, dtype)
 
     centred = np.empty_like(x3) if out is None else out
     sums = _Float64Sums(x3, slabs[0])
     for slab in slabs:
-        sums.add_squares(np.subtract(x3[slab], high_column, out=centred[slab]))
+        for (x_part, centred_part), (high_part,) in layout.pieces(
+            slab, [high_constant], x3, centred
+        ):
+            np.subtract(x_part, high_part, out=centred_part)
+        sums.add_squares(centred[slab])
     var = np.maximum(sums.total_squares / count - low * low, 0.0)
     if np.any(np.abs(low) > 2.0**-30 * np.sqrt(var)):
         centred -= low.astype(dtype)[:, None]
@@ -301,22 +360,24 @@ def _forward(
     d, mean, var = _centre(x, out=workspace if fits else None)
     inv_std = 1.0 / np.sqrt(var + eps)
     dtype = d.dtype
-    inv_column = inv_std.astype(dtype)[:, None]
-    gamma_column = None if gamma64 is None else gamma64.astype(dtype)[:, None]
-    beta_column = None if beta64 is None else beta64.astype(dtype)[:, None]
+    layout = _PerChannel(d.shape)
+    constants = [layout.constant(inv_std, dtype)]
+    for vector in (gamma64, beta64):
+        if vector is not None:
+            constants.append(layout.constant(vector, dtype))
     x_hat = d  # normalised in place, slab by slab
     y = np.empty_like(d)
-    for slab in _slabs(d):
-        x_hat_part, y_part = x_hat[slab], y[slab]
-        x_hat_part *= inv_column
-        if gamma_column is not None:
-            np.multiply(x_hat_part, gamma_column, out=y_part)
-            if beta_column is not None:
-                y_part += beta_column
-        elif beta_column is not None:
-            np.add(x_hat_part, beta_column, out=y_part)
-        else:
-            y_part[...] = x_hat_part
+    for slab in layout.slabs:
+        for (x_hat_part, y_part), (inv_part, *affine) in layout.pieces(slab, constants, x_hat, y):
+            x_hat_part *= inv_part
+            if gamma64 is not None:
+                np.multiply(x_hat_part, affine[0], out=y_part)
+                if beta64 is not None:
+                    y_part += affine[1]
+            elif beta64 is not None:
+                np.add(x_hat_part, affine[0], out=y_part)
+            else:
+                y_part[...] = x_hat_part
     y = y.reshape(x.shape).astype(x.dtype, copy=False)
     x_hat = x_hat.reshape(x.shape).astype(x.dtype, copy=False)
     scale = gamma64 if gamma64 is not None else np.ones(channels)
@@ -373,7 +434,11 @@ def batch_norm_backward(
     long_rows = g.shape[2] > _LONG_ROW
     for slab in slabs:
         g_part, x_hat_part = g[slab], x_hat[slab]
-        if long_rows:
+        if g.shape[2] == 1:  # (N, C) input: float32 products, float64 sums over the batch
+            dbeta += g_part[:, :, 0].sum(axis=0, dtype=np.float64)
+            products = np.multiply(g_part[:, :, 0], x_hat_part[:, :, 0])
+            dgamma += products.sum(axis=0, dtype=np.float64)
+        elif long_rows:
             dbeta += g_part.sum(axis=(0, 2), dtype=np.float64)
             dgamma += np.einsum("ncm,ncm->c", g_part, x_hat_part, dtype=np.float64)
         else:
@@ -382,15 +447,21 @@ def batch_norm_backward(
             dgamma += products.sum(axis=0, dtype=np.float64)
 
     scale = cache.gamma * cache.inv_std
-    a_column = (dgamma / count).astype(dtype)[:, None]
-    b_column = (dbeta / count).astype(dtype)[:, None]
-    scale_column = scale.astype(dtype)[:, None]
+    layout = _PerChannel(g.shape)
+    constants = [
+        layout.constant(dgamma / count, dtype),
+        layout.constant(dbeta / count, dtype),
+        layout.constant(scale, dtype),
+    ]
     dx = np.empty_like(g)
     for slab in slabs:  # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat))
-        dx_part = np.multiply(x_hat[slab], a_column, out=dx[slab])
-        dx_part += b_column
-        np.subtract(g[slab], dx_part, out=dx_part)
-        dx_part *= scale_column
+        for (x_hat_part, g_part, dx_part), (a, b, scale_part) in layout.pieces(
+            slab, constants, x_hat, g, dx
+        ):
+            np.multiply(x_hat_part, a, out=dx_part)
+            dx_part += b
+            np.subtract(g_part, dx_part, out=dx_part)
+            dx_part *= scale_part
     return dx.reshape(dy.shape).astype(cache.x.dtype, copy=False), dgamma, dbeta
 
 
