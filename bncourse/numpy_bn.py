@@ -200,8 +200,8 @@ class _Float64Sums:
     """Per-channel sums and sums of squares of (N, C, M) slabs, accumulated in float64.
 
     A float32 slab is first copied into a float64 scratch slab (in cache); the sums over each
-    row of M values are then a BLAS product with a vector of ones, the sums of squares an
-    ``einsum``, both in float64.
+    row of M values are then a BLAS product with a vector of ones, the sums of squares BLAS
+    dot products of each row with itself, both in float64.
     """
 
     def __init__(self, a3: np.ndarray, slab: slice) -> None:
@@ -224,8 +224,9 @@ class _Float64Sums:
         part = self._float64(part)
         if part.shape[2] == 1:
             self.total_squares += np.einsum("nc,nc->c", part[:, :, 0], part[:, :, 0])
-        else:
-            self.total_squares += np.einsum("ncm,ncm->c", part, part)
+        else:  # one BLAS dot product per row (faster than einsum here)
+            rows = part[:, :, None, :] @ part[:, :, :, None]
+            self.total_squares += rows.sum(axis=(0, 2, 3))
 
     def _float64(self, part: np.ndarray) -> np.ndarray:
         if self.float64:
