@@ -126,8 +126,9 @@ class BatchNormCache:
 # while several operations run on them, so each pass reads and writes main memory about once.
 _SLAB_VALUES = 1 << 17
 
-# In the backward pass, rows (the M values of one sample and channel) up to this length are
-# summed in the working dtype before the row sums are added up in float64.
+# Rows (the M values of one sample and channel) this long and longer count as long: NumPy
+# broadcasts a per-channel column over them efficiently, and the backward pass sums them in
+# float64 throughout (shorter rows are summed in the working dtype, the row sums in float64).
 _LONG_ROW = 4096
 
 
@@ -149,7 +150,8 @@ class _PerChannel:
     short (M = 1024 and less). So for M < _LONG_ROW a per-channel vector becomes a contiguous
     "constant" row: each channel's value repeated M times, the pattern repeated for ``repeat``
     samples (about _LONG_ROW values in all), and a slab of k samples is viewed as a (k /
-    repeat, repeat * C * M) array against it. Long rows keep the (C, 1) column.
+    repeat, repeat * C * M) array against it. Long rows, and samples larger than a slab, keep
+    the (C, 1) column.
 
     ``slabs`` are slices of whole samples of about _SLAB_VALUES values, multiples of
     ``repeat`` (except the last).
@@ -158,8 +160,8 @@ class _PerChannel:
     def __init__(self, shape3: tuple[int, int, int]) -> None:
         n, channels, m = shape3
         self.m, self.width = m, channels * m
-        if m >= _LONG_ROW:
-            self.repeat = 0  # columns
+        if m >= _LONG_ROW or self.width > _SLAB_VALUES:
+            self.repeat = 0  # columns (a constant row would be as large as a slab)
             per_slab = max(1, _SLAB_VALUES // self.width)
         else:
             self.repeat = max(1, min(n, -(-_LONG_ROW // self.width)))
