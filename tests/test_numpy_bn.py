@@ -103,6 +103,30 @@ def test_forward_backward_match_torch(shape, dtype, affine, eps):
         np.testing.assert_allclose(dbeta, dbeta_ref, **tol)
 
 
+# shapes that take the other paths of the slab-by-slab passes: a last slab that is not a whole
+# number of constant rows, rows of 4096 values and more, samples larger than a slab, many slabs
+@pytest.mark.parametrize(
+    "shape", [(7, 10, 100), (3, 2, 4100), (3, 40, 4000), (300, 3, 9, 9), (5000, 3)], ids=str
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_larger_shapes_match_torch(shape, dtype):
+    rng = np.random.default_rng(int(np.prod(shape)))
+    x = random_input(rng, shape, dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    gamma, beta = 1.0 + 0.5 * rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
+    y, cache = batch_norm_forward(x, gamma, beta)
+    dx, dgamma, dbeta = batch_norm_backward(dy, cache)
+    y_ref, dx_ref, dgamma_ref, dbeta_ref = torch_reference(x, gamma, beta, dy)
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(y, y_ref, **tol)
+    np.testing.assert_allclose(dx, dx_ref, **tol)
+    np.testing.assert_allclose(dgamma, dgamma_ref, rtol=tol["rtol"], atol=tol["atol"] * 10)
+    np.testing.assert_allclose(dbeta, dbeta_ref, rtol=tol["rtol"], atol=tol["atol"] * 10)
+    layer = BatchNorm(shape[1])
+    for _ in range(2):  # the second call reuses the first one's x_hat memory
+        np.testing.assert_allclose(layer(x), batch_norm_forward(x, None, None)[0], **tol)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 def test_graph_backward_agrees_with_closed_form(shape, dtype):
