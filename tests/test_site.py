@@ -39,6 +39,8 @@ import pytest
 import yaml
 from conftest import _solution_lines
 
+from bncourse.student import student_notebook
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("BNCOURSE_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_FLAGS = [
@@ -210,7 +212,8 @@ def _require_chromium() -> None:
 
 
 @pytest.fixture(scope="session")
-def browser(server):
+def browser():
+    """Headless Chromium (skips or fails, see _require_chromium, before the site is built)."""
     _require_chromium()
     from playwright.sync_api import sync_playwright
 
@@ -533,9 +536,27 @@ def _site_text(build: Build) -> str:
     return "\n".join(texts)
 
 
+@functools.cache
+def _text_without_solutions() -> str:
+    """Every page's source with its solutions withheld (as the student edition does), as text."""
+    texts = []
+    for name in DOCNAMES:
+        source = _source(name)
+        if source.suffix == ".ipynb":
+            cells = student_notebook(_notebook(name), name=name)["cells"]
+            texts += ["".join(cell["source"]) for cell in cells]
+        else:
+            texts.append(source.read_text(encoding="utf-8"))
+    return _normalise("\n".join(texts))
+
+
 def _solution_texts(docname: str) -> set[str]:
+    """The lines of a chapter's solutions that would give one away: long enough, and found in
+    no page's text outside the solutions (a line that ends a wrapped sentence, such as
+    "sampling noise.", may well appear elsewhere)."""
     lines = {_normalise(line) for line in _solution_lines(_notebook(docname))}
-    return {line for line in lines if len(line) >= 12}  # short lines prove nothing
+    outside = _text_without_solutions()
+    return {line for line in lines if len(line) >= 20 and line not in outside}
 
 
 CHAPTERS_WITH_SOLUTIONS = [name for name in CHAPTERS if _solution_texts(name)]
