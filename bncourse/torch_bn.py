@@ -121,7 +121,7 @@ class _BatchNormTraining(torch.autograd.Function):
 
     Forward (every tensor in the compute dtype, ``shape = (1, C, 1, ...)``)::
 
-        pivot   = x[0:1, :, 0:1, ...]              one sample per channel (a view, no copy)
+        pivot   = x[0:1, :, 0:1, ...]              one sample per channel (C values)
         d       = (x - pivot) - mean(x - pivot)     = x - mean(x), the centred input (saved)
         var     = sum(d * d) / count                biased batch variance
         invstd  = 1 / sqrt(var + eps)
