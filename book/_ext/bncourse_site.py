@@ -303,12 +303,11 @@ class ExerciseTable(SphinxDirective):
         if not chapters:
             return [nodes.paragraph(text="No chapter has exercises yet.")]
 
-        headings = ["Chapter", "Exercise", "Kind", "nbgrader points", "Minutes"]
-        widths = [22, 40, 12, 12, 10]
-        table = nodes.table(classes=["bncourse-exercises"])
+        headings = ["Exercise", "Kind", "nbgrader points", "Minutes"]
+        table = nodes.table(classes=["bncourse-exercises", "colwidths-given"])
         group = nodes.tgroup(cols=len(headings))
         table += group
-        group.extend(nodes.colspec(colwidth=width) for width in widths)
+        group.extend(nodes.colspec(colwidth=width) for width in [64, 12, 12, 12])
         head = nodes.thead()
         head += self._row(*headings)
         body = nodes.tbody()
@@ -318,26 +317,24 @@ class ExerciseTable(SphinxDirective):
         for docname, chapter_title, exercises in chapters:
             minutes = sum(exercise.estimate for exercise in exercises)
             total_minutes += minutes
-            for index, exercise in enumerate(exercises):
-                target = posixpath.relpath(docname, posixpath.dirname(self.env.docname) or ".")
-                name = _inline_markup(chapter_title)
-                notebook = posixpath.basename(docname) + ".ipynb"
-                chapter = (
-                    [
-                        self._xref("doc", target, *name),
-                        nodes.Text(" ("),
-                        nodes.literal(notebook, notebook),
-                        nodes.Text(")"),
-                    ]
-                    if index == 0
-                    else ""
-                )
+            # one row naming the chapter and its notebook, across the table
+            target = posixpath.relpath(docname, posixpath.dirname(self.env.docname) or ".")
+            notebook = posixpath.basename(docname) + ".ipynb"
+            chapter = [
+                nodes.strong("", "", self._xref("doc", target, *_inline_markup(chapter_title))),
+                nodes.Text(" ("),
+                nodes.literal(notebook, notebook),
+                nodes.Text(f"): {len(exercises)} exercises, about {minutes} minutes"),
+            ]
+            row = self._row(chapter)
+            row[0]["morecols"] = len(headings) - 1
+            body += row
+            for exercise in exercises:
                 link = self._xref("numref", exercise.label, nodes.Text("Exercise {number}"))
                 title = [link, nodes.Text(": "), *_inline_markup(exercise.title), nodes.Text(" (")]
                 title += [nodes.literal(exercise.label, exercise.label), nodes.Text(")")]
                 points = f"{exercise.points:g}" if exercise.coding else "–"
-                body += self._row(chapter, title, exercise.kind, points, str(exercise.estimate))
-            body += self._row("", f"{len(exercises)} exercises", "", "", f"{minutes} in all")
+                body += self._row(title, exercise.kind, points, str(exercise.estimate))
         summary = nodes.paragraph(
             text=f"{sum(len(e) for _, _, e in chapters)} exercises in {len(chapters)} chapters, "
             f"about {total_minutes / 60:.1f} hours of work in all."
