@@ -1,6 +1,6 @@
 """The bncourse book's own Sphinx extension (loaded through ``sphinx.local_extensions``).
 
-It does three things:
+It does four things:
 
 1. **Offline MathJax.** MathJax 3 is served from the site itself: the ``es5`` tree that the
    ``django-static-mathjax`` wheel ships (a plain Python package, ``mathjax``) is copied into the
@@ -9,11 +9,14 @@ It does three things:
    found there into every page.
 2. **The solution-free site.** With ``BNCOURSE_HIDE_SOLUTIONS=1`` in the environment, the build
    hides every ``{solution}`` directive (sphinx-exercise's ``hide_solutions``), removes the code
-   cells tagged ``solution``, and publishes no way to the notebooks' sources: no ``_sources``,
-   no download button, no launch or repository buttons (they lead to the notebooks with their
-   solutions)::
+   cells tagged ``solution`` (so the search index holds no solution either), and publishes no
+   way to the notebooks' sources: no ``_sources`` (deleted when an earlier build left it), no
+   download button, no launch, repository or issue buttons (they lead to the notebooks with
+   their solutions)::
 
-       BNCOURSE_HIDE_SOLUTIONS=1 jupyter-book build . -W -n --keep-going
+       BNCOURSE_HIDE_SOLUTIONS=1 jupyter-book build . -W -n --keep-going --all
+
+   The notebooks do not run again when the execution cache of an earlier build is there.
 
 3. **The exercise table** of the instructors' page: the ``{bncourse-exercises}`` directive lists,
    chapter by chapter in the order of the table of contents, every exercise of the chapter
