@@ -575,6 +575,7 @@ def test_solution_free_site_has_no_solution(site: Build, site_without_solutions:
     for name in CHAPTERS:
         page = (site_without_solutions.html / f"{name}.html").read_text(encoding="utf-8")
         assert 'class="solution' not in page and "tag_solution" not in page, name
+        assert "all checks passed" not in page, f"{name}: autograded cells show their output"
         if any("{exercise}" in "".join(c["source"]) for c in _notebook(name)["cells"]):
             assert 'class="exercise' in page, f"{name}: the exercises are gone too"
 

@@ -135,13 +135,20 @@ def remove_published_sources(app: Sphinx) -> None:
 
 
 def remove_solution_cells(app: Sphinx, doctree: nodes.document) -> None:
-    """In the solution-free site, drop every notebook cell tagged ``solution``."""
+    """In the solution-free site, drop every notebook cell tagged ``solution``, and the output of
+    every autograded test cell (an "all checks passed" under a solution that is not shown)."""
     if not app.config.hide_solutions:
         return
     for cell in list(doctree.findall(nodes.container)):
-        tags = cell.get("cell_metadata", {}).get("tags", [])
-        if "solution" in tags or "tag_solution" in cell.get("classes", []):
+        if cell.get("nb_element") != "cell_code":
+            continue
+        metadata = cell.get("cell_metadata", {})
+        if "solution" in metadata.get("tags", []) or "tag_solution" in cell.get("classes", []):
             cell.parent.remove(cell)
+        elif metadata.get("nbgrader", {}).get("grade"):
+            for output in list(cell.findall(nodes.container)):
+                if output.get("nb_element") == "cell_code_output" and output.parent is cell:
+                    cell.remove(output)
 
 
 def _thebe_enabled(config: Config) -> bool:
