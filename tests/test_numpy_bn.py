@@ -127,6 +127,27 @@ def test_larger_shapes_match_torch(shape, dtype):
         np.testing.assert_allclose(layer(x), batch_norm_forward(x, None, None)[0], **tol)
 
 
+@pytest.mark.parametrize("make", ["fortran", "sliced", "transposed"])
+def test_non_contiguous_input_and_gradient(make):
+    rng = np.random.default_rng(13)
+    base = random_input(rng, (6, 3, 8, 5))
+    x = {
+        "fortran": np.asfortranarray(base),
+        "sliced": base[::2, :, 1:, ::2],
+        "transposed": base.transpose(0, 1, 3, 2),
+    }[make]
+    dy = rng.standard_normal(x.shape)[..., ::-1]  # negative strides
+    assert not x.flags.c_contiguous and not dy.flags.c_contiguous
+    gamma, beta = rng.standard_normal(3), rng.standard_normal(3)
+    y, cache = batch_norm_forward(x, gamma, beta)
+    dx, dgamma, dbeta = batch_norm_backward(dy, cache)
+    y_ref, dx_ref, dgamma_ref, dbeta_ref = torch_reference(
+        np.ascontiguousarray(x), gamma, beta, np.ascontiguousarray(dy)
+    )
+    for actual, expected in ((y, y_ref), (dx, dx_ref), (dgamma, dgamma_ref), (dbeta, dbeta_ref)):
+        np.testing.assert_allclose(actual, expected, **TOLERANCE[np.float64])
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 def test_graph_backward_agrees_with_closed_form(shape, dtype):
