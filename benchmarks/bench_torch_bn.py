@@ -18,11 +18,12 @@ the input's size (``B = N*C*H*W*element_size``), an ideal batch norm moves ``5 B
   pass) and write ``dx``: ``3 B``.
 
 Per-channel vectors (C values) are left out. Real kernels, ours included, read more than this (ours
-makes ten full-size passes), so the fraction says how far from the memory limit an implementation
+makes twelve full-size passes), so the fraction says how far from the memory limit an implementation
 is, not how many bytes it moved.
 
 The CPU load average is printed with the results: on a shared machine timings with two threads
-suffer most (an operation waits for both threads), and ours runs ten operations to native's three.
+suffer most (an operation waits for both threads), and ours runs twelve operations to native's
+three.
 
 Examples
 --------
