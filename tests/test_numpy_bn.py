@@ -24,6 +24,16 @@ from bncourse.numpy_bn import (
     batch_statistics,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These tensors are small: one thread is as fast and steadier on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 TOLERANCE = {np.float64: dict(rtol=1e-10, atol=1e-10), np.float32: dict(rtol=1e-5, atol=3e-5)}
 
 # 2-D to 5-D; C = 1; spatial size 1; N = 1 with spatial size > 1

@@ -18,6 +18,16 @@ from torch import nn
 
 from bncourse.torch_bn import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm, fold_batch_norm
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These tensors are small: one thread is as fast and steadier on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 TOLERANCE = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
     torch.float32: dict(rtol=1e-5, atol=3e-5),
