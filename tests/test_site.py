@@ -431,6 +431,12 @@ def test_exercise_table_reads_kinds_points_and_minutes(tmp_path: Path):
 # --- the built site in the browser -------------------------------------------------------------
 
 
+def test_site_build_executed_every_chapter_afresh(site: Build):
+    executed = set(re.findall(r"(\S+\.ipynb): Executing notebook", site.log))
+    missing = [name for name in CHAPTERS if str(_source(name)) not in executed]
+    assert not missing, f"the test build did not execute {missing} (a stale cache?)"
+
+
 def test_every_page_of_the_site_is_checked(site: Build):
     assert sorted(PAGES) == _html_pages(site.html), "pages built vs pages checked by this test"
 
