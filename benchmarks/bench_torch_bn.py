@@ -1,10 +1,18 @@
 """Speed of ``bncourse.torch_bn.BatchNorm2d`` against ``torch.nn.BatchNorm2d``, forward + backward.
 
-Both run in the same process, in training mode, on the same input, alternating (ours, native,
-ours, native, ...) so that slow drifts of the machine hit both alike. Each repetition times
-``y = bn(x); y.backward(dy)``; the script prints the median and the spread of each and the ratio
-of the medians ours / native. On the CPU it also times separate interleaved repetitions in the
-process's CPU time, which leaves out the time spent waiting for a core on a busy machine.
+Three contenders run in the same process, in training mode, on the same input, alternating
+(ours, compiled, native, ours, ...) so that slow drifts of the machine hit all alike:
+
+* ``ours``: :class:`bncourse.torch_bn.BatchNorm2d` as it comes, plain tensor operations;
+* ``compiled``: the same module with ``use_compiled_kernels(True)``, the same formulas fused by
+  ``torch.compile`` (the first call compiles; its time is printed apart; ``--no-compiled``
+  leaves this contender out);
+* ``native``: ``torch.nn.BatchNorm2d``.
+
+Each repetition times ``y = bn(x); y.backward(dy)``; the script prints the median and the spread
+of each and the ratios of the medians to native. On the CPU it also times separate interleaved
+repetitions in the process's CPU time, which leaves out the time spent waiting for a core on a
+busy machine.
 
 On CUDA it times with CUDA events around each repetition (after a synchronisation) and also prints
 the achieved memory bandwidth under a minimum-traffic model, as a fraction of the copy bandwidth
@@ -17,13 +25,13 @@ the input's size (``B = N*C*H*W*element_size``), an ideal batch norm moves ``5 B
 * backward: read ``x`` (or a saved copy) and ``dy`` once (the per-channel sums and ``dx`` in one
   pass) and write ``dx``: ``3 B``.
 
-Per-channel vectors (C values) are left out. Real kernels, ours included, read more than this (ours
+Per-channel vectors (C values) are left out. Real kernels read more than this (the plain path
 makes twelve full-size passes), so the fraction says how far from the memory limit an implementation
 is, not how many bytes it moved.
 
 The CPU load average is printed with the results: on a shared machine timings with two threads
-suffer most (an operation waits for both threads), and ours runs twelve operations to native's
-three.
+suffer most (an operation waits for both threads), and the plain path runs twelve operations to
+native's three or four.
 
 Examples
 --------
@@ -45,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bncourse.torch_bn import BatchNorm2d  # noqa: E402
+from bncourse.torch_bn import BatchNorm2d, use_compiled_kernels  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="reference bandwidth in GB/s (CUDA); default: measure a device-to-device copy",
+    )
+    parser.add_argument(
+        "--no-compiled",
+        action="store_true",
+        help="skip the compiled kernels (use_compiled_kernels; compiling takes seconds to minutes)",
     )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -84,8 +97,19 @@ def copy_bandwidth(device: torch.device, mebibytes: int = 256) -> float:
     return 2 * x.numel() * x.element_size() / statistics.median(times[5:])
 
 
-def time_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, cuda: bool) -> float:
-    """Seconds for one ``y = module(x); y.backward(dy)``."""
+def time_step(
+    module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, cuda: bool, compiled: bool = False
+) -> float:
+    """Seconds for one ``y = module(x); y.backward(dy)``, with bncourse's compiled kernels on
+    or off (switched outside the timed region)."""
+    previous = use_compiled_kernels(compiled)
+    try:
+        return _time_step(module, x, dy, cuda)
+    finally:
+        use_compiled_kernels(previous)
+
+
+def _time_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, cuda: bool) -> float:
     x.grad = None
     for parameter in module.parameters():
         parameter.grad = None
@@ -103,14 +127,20 @@ def time_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, cuda: 
     return time.perf_counter() - begin
 
 
-def cpu_time_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> float:
+def cpu_time_step(
+    module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, compiled: bool = False
+) -> float:
     """CPU seconds (all threads of the process) for one ``y = module(x); y.backward(dy)``."""
     x.grad = None
     for parameter in module.parameters():
         parameter.grad = None
-    begin = time.process_time()
-    module(x).backward(dy)
-    return time.process_time() - begin
+    previous = use_compiled_kernels(compiled)
+    try:
+        begin = time.process_time()
+        module(x).backward(dy)
+        return time.process_time() - begin
+    finally:
+        use_compiled_kernels(previous)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,20 +158,27 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(n, c, h, w, device=device).to(dtype=dtype, memory_format=memory_format)
     x.requires_grad_(True)
     dy = torch.randn(n, c, h, w, device=device).to(dtype=dtype, memory_format=memory_format)
-    ours = BatchNorm2d(c, device=device).train()
-    native = torch.nn.BatchNorm2d(c, device=device).train()
+    # name -> (module, compiled kernels on); the two bncourse modules are separate instances
+    contenders = {"ours": (BatchNorm2d(c, device=device).train(), False)}
+    if not args.no_compiled:
+        contenders["compiled"] = (BatchNorm2d(c, device=device).train(), True)
+    contenders["native"] = (torch.nn.BatchNorm2d(c, device=device).train(), False)
 
+    if not args.no_compiled:  # the first call compiles: time it on its own
+        begin = time.perf_counter()
+        time_step(*contenders["compiled"][:1], x, dy, cuda, compiled=True)
+        print(f"compiling the kernels (first call): {time.perf_counter() - begin:.1f} s")
     for _ in range(args.warmup):
-        time_step(ours, x, dy, cuda)
-        time_step(native, x, dy, cuda)
-    times: dict[str, list[float]] = {"ours": [], "native": []}
-    cpu_times: dict[str, list[float]] = {"ours": [], "native": []}
+        for module, compiled in contenders.values():
+            time_step(module, x, dy, cuda, compiled)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    cpu_times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.repeats):
-        times["ours"].append(time_step(ours, x, dy, cuda))
-        times["native"].append(time_step(native, x, dy, cuda))
+        for name, (module, compiled) in contenders.items():
+            times[name].append(time_step(module, x, dy, cuda, compiled))
         if not cuda:
-            cpu_times["ours"].append(cpu_time_step(ours, x, dy))
-            cpu_times["native"].append(cpu_time_step(native, x, dy))
+            for name, (module, compiled) in contenders.items():
+                cpu_times[name].append(cpu_time_step(module, x, dy, compiled))
 
     where = f"{device}" + ("" if cuda else f", {torch.get_num_threads()} threads")
     layout = "channels_last" if args.channels_last else "contiguous"
@@ -157,17 +194,23 @@ def main(argv: list[str] | None = None) -> None:
         medians[name] = statistics.median(values)
         quartiles = statistics.quantiles(values, n=4)
         print(
-            f"  {name:7s} median {medians[name] * 1e3:8.3f} ms   "
+            f"  {name:8s} median {medians[name] * 1e3:8.3f} ms   "
             f"(quartiles {quartiles[0] * 1e3:.3f} .. {quartiles[2] * 1e3:.3f} ms, "
             f"min {min(values) * 1e3:.3f} ms)"
         )
-    print(f"  ratio ours / native = {medians['ours'] / medians['native']:.3f} (wall clock)")
+    for name in contenders:
+        if name != "native":
+            ratio = medians[name] / medians["native"]
+            print(f"  ratio {name} / native = {ratio:.3f} (wall clock)")
     if not cuda:
         cpu = {name: statistics.median(values) for name, values in cpu_times.items()}
+        listed = ", ".join(f"{name} {value * 1e3:.3f} ms" for name, value in cpu.items())
+        ratios = ", ".join(
+            f"{name} / native {cpu[name] / cpu['native']:.3f}" for name in cpu if name != "native"
+        )
         print(
-            f"  CPU time (all threads) median: ours {cpu['ours'] * 1e3:.3f} ms, native "
-            f"{cpu['native'] * 1e3:.3f} ms, ratio {cpu['ours'] / cpu['native']:.3f} (includes "
-            "threads spinning at the end of each parallel region)"
+            f"  CPU time (all threads) median: {listed}; {ratios} (includes threads spinning at "
+            "the end of each parallel region)"
         )
 
     if cuda:

@@ -22,7 +22,9 @@ The module has three parts, in the order the book introduces them:
   layer before it.
 
 Only plain tensor operations are used (reductions and elementwise arithmetic); none of PyTorch's
-own batch-norm kernels. Everything runs on any device, in float64, float32, and in float16 or
+own batch-norm kernels. :func:`use_compiled_kernels` (off by default) runs the same training-mode
+formulas through kernels fused by :func:`torch.compile`, which brings the speed to that of
+``torch.nn.BatchNorm2d``; the plain path makes about twelve full-size passes to native's four. Everything runs on any device, in float64, float32, and in float16 or
 bfloat16 (computed in float32, like PyTorch).
 """
 
@@ -30,13 +32,21 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "fold_batch_norm"]
+__all__ = [
+    "batch_norm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "fold_batch_norm",
+    "use_compiled_kernels",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -218,6 +228,181 @@ class _BatchNormTraining(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
+# Training with compiled kernels (opt-in): the same formulas, fused by torch.compile
+# ---------------------------------------------------------------------------------------------
+#
+# The plain path above runs twelve separate full-size operations per training step, and each
+# one reads (and most write) the whole tensor; PyTorch's native kernel makes about four passes.
+# torch.compile can fuse the same formulas into a few loops (reductions and the elementwise
+# map over the data in one kernel each), which brings the speed to that of the native kernel.
+# It is off by default: the first call compiles for tens of seconds, needs a C++ compiler on
+# the CPU (Triton on CUDA), and the plain path is the one the book reads line by line.
+
+
+def _training_forward_math(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Output, batch mean and biased variance (C,), ``invstd`` and ``scale`` (broadcastable).
+
+    The algorithm of :class:`_BatchNormTraining` written without in-place operations, so that
+    torch.compile can fuse it; the centred input is not kept (backward recomputes it).
+    """
+    dtype = _compute_dtype(input)
+    x = input.to(dtype)
+    shape = _channel_view_shape(x)
+    dims = _reduction_dims(x)
+    count = x.numel() // x.shape[1]
+    pivot = x[(slice(0, 1), slice(None)) + (slice(0, 1),) * (x.dim() - 2)]
+    shifted_mean = (x - pivot).sum(dims, keepdim=True) / count
+    centred = (x - pivot) - shifted_mean
+    var = (centred * centred).sum(dims, keepdim=True) / count
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else invstd * weight.to(dtype).view(shape)
+    output = centred * scale
+    if bias is not None:
+        output = output + bias.to(dtype).view(shape)
+    return output.to(input.dtype), (pivot + shifted_mean).view(-1), var.view(-1), invstd, scale
+
+
+def _training_backward_math(
+    grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_input, sum(g * x_hat), sum(g))``: the closed form of :class:`_BatchNormTraining`."""
+    dtype = scale.dtype
+    g = grad_output.to(dtype)
+    centred = input.to(dtype) - mean.view(_channel_view_shape(input))
+    dims = _reduction_dims(g)
+    count = g.numel() // g.shape[1]
+    sum_grad = g.sum(dims, keepdim=True)
+    sum_grad_centred = (g * centred).sum(dims, keepdim=True)
+    grad_input = scale * (
+        g - sum_grad / count - centred * (invstd * invstd) * (sum_grad_centred / count)
+    )
+    return (
+        grad_input.to(grad_output.dtype),
+        (sum_grad_centred * invstd).view(-1),
+        sum_grad.view(-1),
+    )
+
+
+class _Compiled:
+    """The compiled kernels, made on first use, and whether :func:`batch_norm` uses them."""
+
+    enabled = False
+    forward: Any = None
+    backward: Any = None
+
+    @classmethod
+    def kernels(cls) -> tuple[Any, Any]:
+        if cls.forward is None:
+            cls.forward = torch.compile(_training_forward_math)
+            cls.backward = torch.compile(_training_backward_math)
+        return cls.forward, cls.backward
+
+    @classmethod
+    def run(cls, which: int, fallback: Any, *args: Any) -> Any:
+        """Call compiled kernel ``which`` (0 forward, 1 backward); on a compilation failure warn,
+        switch the compiled path off and return ``fallback(*args)`` (the same formulas, eager)."""
+        try:
+            return cls.kernels()[which](*args)
+        except Exception as error:  # e.g. no C++ compiler: BackendCompilerFailed
+            if not cls.enabled:
+                raise
+            cls.enabled = False
+            warnings.warn(
+                "bncourse.torch_bn: compiling the batch-norm kernels failed, using the plain "
+                f"operations from now on ({type(error).__name__}: {str(error)[:200]})",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return fallback(*args)
+
+
+def use_compiled_kernels(enabled: bool = True) -> bool:
+    """Run training-mode batch norm through kernels fused by :func:`torch.compile`.
+
+    The formulas are those of the plain path (the same pivot-shifted statistics and the same
+    closed-form backward); only the number of passes over memory changes, which on a CPU brings
+    :class:`BatchNorm2d` to about the speed of ``torch.nn.BatchNorm2d`` (see
+    ``benchmarks/bench_torch_bn.py``). Evaluation mode is unchanged (it is already two passes).
+
+    The first call for each new kind of input (rank, dtype, affine or not; a second input shape
+    makes the shapes dynamic) compiles, which takes tens of seconds on a small CPU and needs a
+    C++ compiler (Triton on CUDA). If compiling fails, a ``RuntimeWarning`` says so and the
+    plain operations are used from then on.
+
+    Parameters
+    ----------
+    enabled : bool
+        True to use the compiled kernels, False for the plain operations (the default).
+
+    Returns
+    -------
+    bool
+        The previous setting, so that ``previous = use_compiled_kernels(); ...;
+        use_compiled_kernels(previous)`` restores it.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"use_compiled_kernels: enabled must be a bool, got {enabled!r}")
+    previous = _Compiled.enabled
+    _Compiled.enabled = enabled
+    return previous
+
+
+class _BatchNormTrainingCompiled(torch.autograd.Function):
+    """:class:`_BatchNormTraining` with the compiled kernels; saves the input, not the centred
+    input (the backward kernel recomputes ``x - mean`` while it reads ``x``)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        output, mean, var, invstd, scale = _Compiled.run(
+            0, _training_forward_math, input, weight, bias, eps
+        )
+        if running_mean is not None and running_var is not None:
+            count = input.numel() // input.shape[1]
+            _update_running(running_mean, mean, momentum)
+            _update_running(running_var, var * (count / (count - 1)), momentum)
+        reference = torch.empty_like(input)  # the memory layout the plain path would give
+        if output.stride() != reference.stride():
+            output = reference.copy_(output)
+        ctx.save_for_backward(input, mean, invstd, scale)
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        input, mean, invstd, scale = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = _Compiled.run(
+            1, _training_backward_math, grad_output, input, mean, invstd, scale
+        )
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if need_input:
+            reference = torch.empty_like(input)
+            if grad_input.stride() != reference.stride():
+                grad_input = reference.copy_(grad_input)
+        return (
+            grad_input if need_input else None,
+            grad_weight.to(ctx.weight_dtype) if need_weight else None,
+            grad_bias.to(ctx.bias_dtype) if need_bias else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation: running statistics, an affine map per channel
 # ---------------------------------------------------------------------------------------------
 
@@ -387,7 +572,8 @@ def batch_norm(
             output = output + bias[0]
         return output
     if training:
-        return _BatchNormTraining.apply(
+        function = _BatchNormTrainingCompiled if _Compiled.enabled else _BatchNormTraining
+        return function.apply(
             input, weight, bias, running_mean, running_var, float(momentum), float(eps)
         )
     return _BatchNormEvaluation.apply(input, weight, bias, running_mean, running_var, float(eps))

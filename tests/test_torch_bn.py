@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from bncourse import torch_bn
 from bncourse.torch_bn import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm, fold_batch_norm
 
 
@@ -740,3 +741,95 @@ def test_cuda_gradcheck_and_fold():
     bn.eval()
     images = torch.randn(2, 3, 6, 6, device="cuda", dtype=torch.float64)
     torch.testing.assert_close(fold_batch_norm(layer, bn)(images), bn(layer(images)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled kernels (use_compiled_kernels): the same formulas fused by torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def compiled():
+    """The compiled training kernels switched on for one test, and off again afterwards."""
+    previous = torch_bn.use_compiled_kernels(True)
+    yield
+    torch_bn.use_compiled_kernels(previous)
+
+
+def test_use_compiled_kernels_returns_the_previous_setting_and_checks_its_argument():
+    assert torch_bn.use_compiled_kernels(True) is False
+    assert torch_bn.use_compiled_kernels(False) is True
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        torch_bn.use_compiled_kernels(1)
+
+
+@pytest.mark.usefixtures("compiled")
+@pytest.mark.parametrize(
+    "shape, dtype, affine, track",
+    [
+        ((8, 3), torch.float32, True, True),
+        ((2, 3, 4, 5), torch.float32, True, True),
+        ((3, 2, 5, 2), torch.float32, True, True),  # a second shape: dynamic shapes
+        ((2, 3, 4, 5), torch.float64, False, False),
+        ((1, 2, 2, 2, 2), torch.float64, True, True),
+        ((4, 3, 5, 6), torch.bfloat16, True, True),
+    ],
+    ids=str,
+)
+def test_compiled_functional_training_matches_torch(shape, dtype, affine, track):
+    compare_functional(shape, dtype, training=True, affine=affine, track=track)
+    assert torch_bn._Compiled.forward is not None  # the compiled path ran
+
+
+@pytest.mark.usefixtures("compiled")
+def test_compiled_modules_match_torch_with_cumulative_momentum_and_channels_last():
+    run_modules((3, 4, 5, 2), momentum=None, dtype=torch.float32)
+    run_modules((3, 4, 5, 2), dtype=torch.float32, memory_format=torch.channels_last)
+    x = random((6, 4, 5, 4), generator("compiled-sliced"), torch.float32)[::2, :, 1:, ::2]
+    ours, native = BatchNorm2d(4), nn.BatchNorm2d(4)
+    torch.testing.assert_close(ours(x), native(x), **TOLERANCE[torch.float32])
+
+
+@pytest.mark.usefixtures("compiled")
+def test_compiled_gradcheck_constant_channel_and_large_mean():
+    gen = generator("compiled-gradcheck")
+    x = random((3, 2, 4), gen).requires_grad_(True)
+    weight, bias = random(2, gen).requires_grad_(True), random(2, gen).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: batch_norm(x, None, None, w, b, training=True),
+        (x, weight, bias),
+        eps=1e-6,
+        atol=1e-8,
+        rtol=1e-6,
+    )
+    constant = random((4, 3, 2, 2), gen, torch.float32)
+    constant[:, 1] = -1234.5678
+    bias = torch.tensor([0.25, -0.7, 1.0])
+    y = batch_norm(constant, None, None, torch.tensor([1.5, 2.0, 0.5]), bias, training=True)
+    assert torch.equal(y[:, 1], torch.full_like(y[:, 1], bias[1].item()))
+    x64 = (1e4 + torch.randn(64, 4, 8, 8, generator=gen, dtype=torch.float64)).float().double()
+    mean, var = x64.mean((0, 2, 3), keepdim=True), x64.var((0, 2, 3), keepdim=True, correction=0)
+    y = batch_norm(x64.float(), None, None, training=True)
+    torch.testing.assert_close(y.double(), (x64 - mean) / torch.sqrt(var + 1e-5), rtol=0, atol=1e-5)
+
+
+def test_compiled_kernels_that_fail_to_compile_fall_back_with_a_warning(compiled, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch_bn._Compiled, "forward", broken)
+    monkeypatch.setattr(torch_bn._Compiled, "backward", broken)
+    gen = generator("compiled-fallback")
+    x = random((4, 3, 5), gen)
+    with pytest.warns(RuntimeWarning, match="compiling the batch-norm kernels failed"):
+        y = batch_norm(x, None, None, training=True)
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
+    assert torch_bn.use_compiled_kernels(True) is False  # switched off by the failure
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.usefixtures("compiled")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cuda_compiled_matches_torch(dtype):
+    compare_functional((8, 4, 6, 6), dtype, training=True, affine=True, track=True, device="cuda")
