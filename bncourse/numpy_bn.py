@@ -201,9 +201,13 @@ def _slabs(a3: np.ndarray) -> list[slice]:
 class _Float64Sums:
     """Per-channel sums and sums of squares of (N, C, M) slabs, accumulated in float64.
 
-    A float32 slab is first copied into a float64 scratch slab (in cache); the sums over each
-    row of M values are then a BLAS product with a vector of ones, the sums of squares BLAS
-    dot products of each row with itself, both in float64.
+    Sums: a float32 slab is first copied into a float64 scratch slab (in cache); the sums over
+    each row of M values are then a BLAS product with a vector of ones, in float64 (the values
+    may have a large mean, so every addition is in float64). Sums of squares, taken of centred
+    values only: BLAS dot products of each row with itself, in the working dtype for rows of up
+    to _LONG_ROW values (the squares are all positive, so a float32 row sum is accurate to about
+    1e-7 relative) and in float64 for longer rows and (N, C) input; the row results are always
+    added up in float64.
     """
 
     def __init__(self, a3: np.ndarray, slab: slice) -> None:
@@ -223,12 +227,13 @@ class _Float64Sums:
 
     def add_squares(self, part: np.ndarray) -> None:
         """Add the sums of squares of ``part``, a slab (k, C, M)."""
-        part = self._float64(part)
+        if part.shape[2] == 1 or part.shape[2] > _LONG_ROW:
+            part = self._float64(part)
         if part.shape[2] == 1:
             self.total_squares += np.einsum("nc,nc->c", part[:, :, 0], part[:, :, 0])
-        else:  # one BLAS dot product per row (faster than einsum here)
+        else:  # one BLAS dot product per row (faster than einsum here), the row sums in float64
             rows = part[:, :, None, :] @ part[:, :, :, None]
-            self.total_squares += rows.sum(axis=(0, 2, 3))
+            self.total_squares += rows.sum(axis=(0, 2, 3), dtype=np.float64)
 
     def _float64(self, part: np.ndarray) -> np.ndarray:
         if self.float64:
@@ -249,11 +254,11 @@ def _centre(
     2. The mean is split into a working-dtype part and a small remainder, ``mean = high +
        low``, and ``d = x - high`` is computed in the working dtype: no cancellation however
        large the mean is (for values close to ``high`` the subtraction is exact). ``sum(d**2)``
-       is accumulated in float64; as ``sum(d) = count * low`` (up to the rounding of ``d``),
-       the sum of squared deviations from the exact mean is ``sum((d - low)**2) = sum(d**2) -
-       count * low**2``, where ``low**2`` is below the square of float32's resolution of the
-       mean. Then ``d -= low`` (skipped when ``|low|`` is below ``2**-30`` standard deviations,
-       where it changes no float32 result).
+       is accumulated in float64 from row sums (see :class:`_Float64Sums`); as ``sum(d) =
+       count * low`` (up to the rounding of ``d``), the sum of squared deviations from the
+       exact mean is ``sum((d - low)**2) = sum(d**2) - count * low**2``, where ``low**2`` is
+       below the square of float32's resolution of the mean. Then ``d -= low`` (skipped when
+       ``|low|`` is below ``2**-30`` standard deviations, where it changes no float32 result).
 
     A constant channel has ``mean`` exactly its value, so ``d`` is exactly 0. ``out``, if given,
     is a C-contiguous (N, C, M) array of the working dtype to hold ``d``.

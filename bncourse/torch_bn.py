@@ -24,8 +24,9 @@ The module has three parts, in the order the book introduces them:
 Only plain tensor operations are used (reductions and elementwise arithmetic); none of PyTorch's
 own batch-norm kernels. :func:`use_compiled_kernels` (off by default) runs the same training-mode
 formulas through kernels fused by :func:`torch.compile`, which brings the speed to that of
-``torch.nn.BatchNorm2d``; the plain path makes about twelve full-size passes to native's four. Everything runs on any device, in float64, float32, and in float16 or
-bfloat16 (computed in float32, like PyTorch).
+``torch.nn.BatchNorm2d``; the plain path makes about twelve full-size passes to native's four.
+Everything runs on any device, in float64, float32, and in float16 or bfloat16 (computed in
+float32, like PyTorch).
 """
 
 from __future__ import annotations
