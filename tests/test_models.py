@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from torch import nn
 
 from bncourse.models import MLP, HiddenBlock, count_parameters, make_mlp
+from bncourse.torch_bn import BatchNorm1d
 
-HAVE_TORCH_BN = importlib.util.find_spec("bncourse.torch_bn") is not None
-BN_IMPLS = [
-    "torch",
-    pytest.param(
-        "bncourse",
-        marks=pytest.mark.skipif(not HAVE_TORCH_BN, reason="bncourse.torch_bn not written yet"),
-    ),
-]
+BN_IMPLS = ["torch", "bncourse"]
 
 
 def _bn_class(bn_impl):
-    if bn_impl == "torch":
-        return nn.BatchNorm1d
-    from bncourse.torch_bn import BatchNorm1d
-
-    return BatchNorm1d
+    return nn.BatchNorm1d if bn_impl == "torch" else BatchNorm1d
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
