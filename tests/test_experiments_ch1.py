@@ -109,6 +109,9 @@ def test_layer_shift_experiment_small():
         assert result.shape_shift[label].shape == (4,)
         assert 0.0 <= result.test_accuracy[label] <= 1.0
     assert result.moment_shift["no BN"][-1] > result.moment_shift["no BN"][0]
+    # BN's own inputs (W u) move, its outputs hardly do
+    assert result.bn_input_moment_shift.shape == (4,)
+    assert np.all(result.bn_input_moment_shift > result.moment_shift["BN"])
 
 
 def test_translate_digits():

@@ -517,19 +517,34 @@ class LayerShift:
         by the std: every change, the shape's included.
     test_accuracy : dict of str to float
         Test accuracy after training.
+    bn_input_moment_shift : np.ndarray, shape (depth,)
+        The moment shift of the input of every BN layer, ``W u`` (the network with BN only):
+        what the layer's input would do if BN did not renormalise it.
     """
 
     moment_shift: dict[str, np.ndarray]
     shape_shift: dict[str, np.ndarray]
     test_accuracy: dict[str, float]
+    bn_input_moment_shift: np.ndarray | None = None
 
 
 @torch.no_grad()
-def _probe_preactivations(model: MLP, probe: torch.Tensor) -> list[np.ndarray]:
-    """Inputs of the hidden nonlinearities on ``probe``, without touching BN's running stats."""
+def _probe_preactivations(
+    model: MLP, probe: torch.Tensor
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Inputs of the hidden nonlinearities on ``probe`` and the outputs of the linear layers
+    (BN's inputs), without touching BN's running statistics."""
     scratch = copy.deepcopy(model)
+    linear_outputs = []
+    hooks = [
+        block.linear.register_forward_hook(lambda _m, _i, out: linear_outputs.append(out))
+        for block in scratch.hidden
+    ]
     _, preactivations = scratch.forward_with_preactivations(probe)
-    return [z.double().cpu().numpy() for z in preactivations]
+    for hook in hooks:
+        hook.remove()
+    as_numpy = [[z.double().cpu().numpy() for z in zs] for zs in (preactivations, linear_outputs)]
+    return as_numpy[0], as_numpy[1]
 
 
 def _distribution_moves(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
@@ -619,7 +634,7 @@ def _layer_shift(
         model = copy_linear_weights(reference, model).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         batches = iter(BatchSampler(data.num_train, batch_size, seed=seed))
-        moments, shapes = [], []
+        moments, shapes, linear_moments = [], [], []
         for step in range(steps):
             index = torch.from_numpy(next(batches)).to(device)
             measure = step % measure_every == 0
@@ -631,9 +646,14 @@ def _layer_shift(
             optimizer.step()
             if measure:
                 after = _probe_preactivations(model, probe)
-                moves = [_distribution_moves(b, a) for b, a in zip(before, after, strict=True)]
+                pairs = zip(before[0], after[0], strict=True)
+                moves = [_distribution_moves(b, a) for b, a in pairs]
                 moments.append([m for m, _ in moves])
                 shapes.append([s for _, s in moves])
+                pairs = zip(before[1], after[1], strict=True)
+                linear_moments.append([_distribution_moves(b, a)[0] for b, a in pairs])
+        if norm is not None:
+            result.bn_input_moment_shift = np.mean(linear_moments, axis=0)
         result.moment_shift[label] = np.mean(moments, axis=0)
         result.shape_shift[label] = np.mean(shapes, axis=0)
         result.test_accuracy[label] = evaluate(model, x_test, y_test)[1]
