@@ -40,6 +40,14 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+try:  # PyTorch's own rule for the layout of a new tensor like a given one
+    from torch._prims_common import suggest_memory_format as _suggest_memory_format
+except ImportError:  # pragma: no cover - older or newer PyTorch without it
+
+    def _suggest_memory_format(input: Tensor) -> torch.memory_format:
+        return torch.contiguous_format
+
+
 __all__ = [
     "batch_norm",
     "BatchNorm1d",
@@ -109,6 +117,29 @@ def _channel_view_shape(input: Tensor) -> list[int]:
 def _reduction_dims(input: Tensor) -> list[int]:
     """Every dimension but the channel dimension 1."""
     return [0] + list(range(2, input.dim()))
+
+
+def _memory_format_of(input: Tensor) -> torch.memory_format:
+    """The layout PyTorch's batch norm gives its output for ``input``: channels-last (2-D or 3-D)
+    where the input's strides are channels-last-like, else contiguous."""
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format if input.is_contiguous() else torch.channels_last
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.contiguous_format if input.is_contiguous() else torch.channels_last_3d
+    if input.dim() in (4, 5):
+        return _suggest_memory_format(input)
+    return torch.contiguous_format
+
+
+def _in_layout_of(tensor: Tensor, input: Tensor) -> Tensor:
+    """``tensor`` (shaped like ``input``) in the memory layout of PyTorch's output for ``input``:
+    itself when it already is (the usual case), else a copy. Elementwise operations keep the
+    input's strides, which for an unusual permutation (say a transposed (N, L, C) tensor) differ
+    from what ``torch.nn`` returns."""
+    memory_format = _memory_format_of(input)
+    if tensor.is_contiguous(memory_format=memory_format):
+        return tensor
+    return tensor.contiguous(memory_format=memory_format)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +229,7 @@ class _BatchNormTraining(torch.autograd.Function):
         ctx.input_dtype = input.dtype
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return output.to(input.dtype)
+        return _in_layout_of(output.to(input.dtype), input)
 
     @staticmethod
     @once_differentiable
@@ -220,7 +251,7 @@ class _BatchNormTraining(torch.autograd.Function):
             q = (scale * sum_grad).mul_(-1.0 / count)
             torch.addcmul(q, grad, scale, out=buffer)
             buffer.addcmul_(centred, p)
-            grad_input = buffer.to(ctx.input_dtype)
+            grad_input = _in_layout_of(buffer.to(ctx.input_dtype), centred)
         if need_weight:
             grad_weight = (sum_grad_centred * invstd).view(-1).to(ctx.weight_dtype)
         if need_bias:
@@ -372,9 +403,7 @@ class _BatchNormTrainingCompiled(torch.autograd.Function):
             count = input.numel() // input.shape[1]
             _update_running(running_mean, mean, momentum)
             _update_running(running_var, var * (count / (count - 1)), momentum)
-        reference = torch.empty_like(input)  # the memory layout the plain path would give
-        if output.stride() != reference.stride():
-            output = reference.copy_(output)
+        output = _in_layout_of(output, input)
         ctx.save_for_backward(input, mean, invstd, scale)
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -389,9 +418,7 @@ class _BatchNormTrainingCompiled(torch.autograd.Function):
         )
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         if need_input:
-            reference = torch.empty_like(input)
-            if grad_input.stride() != reference.stride():
-                grad_input = reference.copy_(grad_input)
+            grad_input = _in_layout_of(grad_input, input)
         return (
             grad_input if need_input else None,
             grad_weight.to(ctx.weight_dtype) if need_weight else None,
@@ -443,7 +470,7 @@ class _BatchNormEvaluation(torch.autograd.Function):
         ctx.save_for_backward(input if ctx.needs_input_grad[1] else None, mean, invstd, scale)
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return output.to(input.dtype)
+        return _in_layout_of(output.to(input.dtype), input)
 
     @staticmethod
     @once_differentiable
@@ -457,6 +484,7 @@ class _BatchNormEvaluation(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         if need_input:
             grad_input = torch.mul(grad, scale.view(shape)).to(grad_output.dtype)
+            grad_input = _in_layout_of(grad_input, grad_output)
         if need_weight:
             centred = torch.sub(input.to(scale.dtype), mean.view(shape))
             grad_weight = (centred.mul_(grad).sum(dims) * invstd).to(ctx.weight_dtype)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from torch import Tensor, nn
 
 from bncourse import torch_bn
 from bncourse.torch_bn import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm, fold_batch_norm
@@ -305,22 +305,48 @@ def test_channels_last_is_kept_and_matches():
     run_modules((3, 4, 5, 2), dtype=torch.float32, memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("make", ["transposed", "sliced", "expanded"])
-def test_non_contiguous_input(make):
-    gen = generator("non-contiguous", make)
+def _strided_input(make: str, gen: torch.Generator) -> Tensor:
     if make == "transposed":
-        x = random((5, 4, 3, 2), gen).transpose(2, 3)
-    elif make == "sliced":
-        x = random((6, 4, 5, 4), gen)[::2, :, 1:, ::2]
-    else:
-        x = random((1, 3, 1, 4), gen).expand(5, 3, 2, 4)
+        return random((5, 4, 3, 2), gen).transpose(2, 3)
+    if make == "sliced":
+        return random((6, 4, 5, 4), gen)[::2, :, 1:, ::2]
+    if make == "expanded":
+        return random((1, 3, 1, 4), gen).expand(5, 3, 2, 4)
+    if make == "sliced-channels-last":
+        return random((6, 4, 5, 3), gen).contiguous(memory_format=torch.channels_last)[::2]
+    if make == "permuted":  # (N, H, W, C) data viewed as (N, C, H, W): channels-last strides
+        return random((3, 5, 2, 4), gen).permute(0, 3, 1, 2)
+    if make == "transposed-1d":  # (N, L, C) data viewed as (N, C, L)
+        return random((4, 6, 3), gen).transpose(1, 2)
+    raise ValueError(make)
+
+
+STRIDED = ["transposed", "sliced", "expanded", "sliced-channels-last", "permuted", "transposed-1d"]
+
+
+@pytest.mark.parametrize("make", STRIDED)
+def test_non_contiguous_input(make):
+    """Values, gradients and the output's memory layout match torch.nn for strided input."""
+    gen = generator("non-contiguous", make)
+    x = _strided_input(make, gen)
     assert not x.is_contiguous()
+    modules = {3: (BatchNorm1d, nn.BatchNorm1d), 4: (BatchNorm2d, nn.BatchNorm2d)}[x.dim()]
+    grad_output = random(tuple(x.shape), gen)
     for training in (True, False):
-        ours, native = BatchNorm2d(x.shape[1]).double(), nn.BatchNorm2d(x.shape[1]).double()
-        ours.train(training)
-        native.train(training)
-        y_ours, y_native = ours(x), native(x)
+        ours, native = (module(x.shape[1]).double().train(training) for module in modules)
+        with torch.no_grad():
+            for bn in (ours, native):
+                bn.weight.copy_(torch.linspace(0.5, 2.0, x.shape[1], dtype=torch.float64))
+        results = []
+        for bn in (ours, native):
+            x_leaf = x.detach().requires_grad_(True)
+            y = bn(x_leaf)
+            (grad_input,) = torch.autograd.grad(y, x_leaf, grad_output)
+            results.append((y, grad_input))
+        (y_ours, dx_ours), (y_native, dx_native) = results
         torch.testing.assert_close(y_ours, y_native, **TOLERANCE[torch.float64])
+        torch.testing.assert_close(dx_ours, dx_native, **TOLERANCE[torch.float64])
+        assert y_ours.stride() == y_native.stride(), (training, y_ours.stride())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -785,9 +811,13 @@ def test_compiled_functional_training_matches_torch(shape, dtype, affine, track)
 def test_compiled_modules_match_torch_with_cumulative_momentum_and_channels_last():
     run_modules((3, 4, 5, 2), momentum=None, dtype=torch.float32)
     run_modules((3, 4, 5, 2), dtype=torch.float32, memory_format=torch.channels_last)
-    x = random((6, 4, 5, 4), generator("compiled-sliced"), torch.float32)[::2, :, 1:, ::2]
-    ours, native = BatchNorm2d(4), nn.BatchNorm2d(4)
-    torch.testing.assert_close(ours(x), native(x), **TOLERANCE[torch.float32])
+    for make in STRIDED:
+        x = _strided_input(make, generator("compiled-strided", make)).float()
+        module = BatchNorm1d if x.dim() == 3 else BatchNorm2d
+        native_module = nn.BatchNorm1d if x.dim() == 3 else nn.BatchNorm2d
+        y, y_native = module(x.shape[1])(x), native_module(x.shape[1])(x)
+        torch.testing.assert_close(y, y_native, **TOLERANCE[torch.float32])
+        assert y.stride() == y_native.stride(), make
 
 
 @pytest.mark.usefixtures("compiled")
