@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,13 @@ def test_notebook_committed_without_outputs(path: Path):
         f"{path.name}: code cells {dirty} have outputs or execution counts; strip them with "
         "`.venv/bin/jupyter nbconvert --clear-output --inplace book/*.ipynb`"
     )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_valid_nbformat(path: Path):
+    """Valid against its own nbformat version's schema (nbgrader refuses invalid notebooks,
+    e.g. cell ids in a 4.4 notebook)."""
+    nbformat.validate(nbformat.read(path, as_version=nbformat.NO_CONVERT))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
