@@ -4,7 +4,9 @@ Shapes follow PyTorch: the input is ``(N, C)`` or ``(N, C, *spatial)`` and every
 computed per channel (axis 1) over all the other axes, so a channel of an image batch is
 normalised over its ``N * H * W`` values.
 
-Numerics. The output keeps the input's dtype, but the statistics are accumulated in float64 and
+Numerics. The output keeps the input's dtype, but the statistics are accumulated in float64 (the
+sums of squares of the centred values over rows of up to 4096 values in the working dtype, the
+rows then in float64; see ``_Float64Sums``) and
 the variance is computed from centred values (two passes), never as ``E[x^2] - E[x]^2``: that
 difference cancels catastrophically when the mean is large compared with the spread (an input
 with mean 1e4 and standard deviation 1 in float32 would lose every digit of its variance).

@@ -577,12 +577,23 @@ def test_other_bad_arguments():
         batch_norm(x, None, None, training=True, momentum=None)
 
 
-def test_empty_batch_matches_torch():
-    x = torch.randn(0, 3, 4, requires_grad=True)
-    y = batch_norm(x, None, None, torch.ones(3), torch.zeros(3), training=True)
-    assert y.shape == x.shape
-    y.sum().backward()
-    assert x.grad.shape == x.shape
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
+def test_empty_batch_matches_torch(training):
+    results = []
+    for module in (BatchNorm1d(3), nn.BatchNorm1d(3)):
+        module.train(training)
+        x = torch.randn(0, 3, 4, requires_grad=True)
+        y = module(x)
+        y.sum().backward()
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        results.append((y, x.grad, module.weight.grad, module.bias.grad, state))
+    (y, dx, dw, db, state), (y_ref, dx_ref, dw_ref, db_ref, state_ref) = results
+    assert y.shape == y_ref.shape == (0, 3, 4) and dx.shape == dx_ref.shape
+    torch.testing.assert_close(dw, dw_ref)  # zeros: no values, no gradient
+    torch.testing.assert_close(db, db_ref)
+    assert state.keys() == state_ref.keys()
+    for key in state:  # the running statistics and the batch count as torch.nn leaves them
+        torch.testing.assert_close(state[key], state_ref[key], equal_nan=True)
 
 
 # ---------------------------------------------------------------------------------------------
