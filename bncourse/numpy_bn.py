@@ -453,8 +453,8 @@ def batch_norm_backward(
             dgamma += np.einsum("ncm,ncm->c", g_part, x_hat_part, dtype=np.float64)
         else:
             dbeta += (g_part @ ones).sum(axis=0, dtype=np.float64)
-            products = np.einsum("ncm,ncm->nc", g_part, x_hat_part)
-            dgamma += products.sum(axis=0, dtype=np.float64)
+            rows = g_part[:, :, None, :] @ x_hat_part[:, :, :, None]  # BLAS row dot products
+            dgamma += rows.sum(axis=(0, 2, 3), dtype=np.float64)
 
     scale = cache.gamma * cache.inv_std
     layout = _PerChannel(g.shape)
