@@ -45,6 +45,9 @@ try:  # PyTorch's own rule for the layout of a new tensor like a given one
 except ImportError:  # pragma: no cover - older or newer PyTorch without it
 
     def _suggest_memory_format(input: Tensor) -> torch.memory_format:
+        last = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+        if not input.is_contiguous() and input.is_contiguous(memory_format=last):
+            return last
         return torch.contiguous_format
 
 
@@ -122,13 +125,7 @@ def _reduction_dims(input: Tensor) -> list[int]:
 def _memory_format_of(input: Tensor) -> torch.memory_format:
     """The layout PyTorch's batch norm gives its output for ``input``: channels-last (2-D or 3-D)
     where the input's strides are channels-last-like, else contiguous."""
-    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
-        return torch.contiguous_format if input.is_contiguous() else torch.channels_last
-    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.contiguous_format if input.is_contiguous() else torch.channels_last_3d
-    if input.dim() in (4, 5):
-        return _suggest_memory_format(input)
-    return torch.contiguous_format
+    return _suggest_memory_format(input) if input.dim() in (4, 5) else torch.contiguous_format
 
 
 def _in_layout_of(tensor: Tensor, input: Tensor) -> Tensor:
