@@ -155,6 +155,23 @@ def _update_running(running: Tensor, batch_value: Tensor, momentum: float) -> No
         running.copy_(updated)
 
 
+def _update_running_statistics(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """Fold a batch's ``mean`` and biased ``var`` (C values each, over ``count`` values per
+    channel) into the running statistics, in place, the variance made unbiased first; nothing
+    when there are no running statistics."""
+    if running_mean is None or running_var is None:
+        return
+    _update_running(running_mean, mean.view(-1), momentum)
+    _update_running(running_var, var.view(-1) * (count / (count - 1)), momentum)
+
+
 class _BatchNormTraining(torch.autograd.Function):
     """Batch norm with batch statistics; the backward is the closed form, not autograd.
 
@@ -216,11 +233,9 @@ class _BatchNormTraining(torch.autograd.Function):
         if bias is not None:  # (addcmul with two broadcast operands is slower than the two)
             output.add_(bias.to(dtype).view(shape))
 
-        if running_mean is not None and running_var is not None:
-            mean = (pivot + shifted_mean).view(-1)
-            unbiased_var = var.view(-1) * (count / (count - 1))
-            _update_running(running_mean, mean, momentum)
-            _update_running(running_var, unbiased_var, momentum)
+        _update_running_statistics(
+            running_mean, running_var, pivot + shifted_mean, var, count, momentum
+        )
 
         ctx.save_for_backward(centred, scale, invstd)
         ctx.input_dtype = input.dtype
@@ -396,10 +411,8 @@ class _BatchNormTrainingCompiled(torch.autograd.Function):
         output, mean, var, invstd, scale = _Compiled.run(
             0, _training_forward_math, input, weight, bias, eps
         )
-        if running_mean is not None and running_var is not None:
-            count = input.numel() // input.shape[1]
-            _update_running(running_mean, mean, momentum)
-            _update_running(running_var, var * (count / (count - 1)), momentum)
+        count = input.numel() // input.shape[1]
+        _update_running_statistics(running_mean, running_var, mean, var, count, momentum)
         output = _in_layout_of(output, input)
         ctx.save_for_backward(input, mean, invstd, scale)
         ctx.weight_dtype = None if weight is None else weight.dtype
