@@ -43,6 +43,7 @@ Examples
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -97,34 +98,37 @@ def copy_bandwidth(device: torch.device, mebibytes: int = 256) -> float:
     return 2 * x.numel() * x.element_size() / statistics.median(times[5:])
 
 
+@contextlib.contextmanager
+def kernels(compiled: bool):
+    """bncourse's compiled kernels on or off inside the block, the previous setting after it."""
+    previous = use_compiled_kernels(compiled)
+    try:
+        yield
+    finally:
+        use_compiled_kernels(previous)
+
+
 def time_step(
     module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, cuda: bool, compiled: bool = False
 ) -> float:
     """Seconds for one ``y = module(x); y.backward(dy)``, with bncourse's compiled kernels on
     or off (switched outside the timed region)."""
-    previous = use_compiled_kernels(compiled)
-    try:
-        return _time_step(module, x, dy, cuda)
-    finally:
-        use_compiled_kernels(previous)
-
-
-def _time_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, cuda: bool) -> float:
     x.grad = None
     for parameter in module.parameters():
         parameter.grad = None
-    if cuda:
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
+    with kernels(compiled):
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            module(x).backward(dy)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+        begin = time.perf_counter()
         module(x).backward(dy)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
-    module(x).backward(dy)
-    return time.perf_counter() - begin
+        return time.perf_counter() - begin
 
 
 def cpu_time_step(
@@ -134,13 +138,10 @@ def cpu_time_step(
     x.grad = None
     for parameter in module.parameters():
         parameter.grad = None
-    previous = use_compiled_kernels(compiled)
-    try:
+    with kernels(compiled):
         begin = time.process_time()
         module(x).backward(dy)
         return time.process_time() - begin
-    finally:
-        use_compiled_kernels(previous)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.no_compiled:  # the first call compiles: time it on its own
         begin = time.perf_counter()
-        time_step(*contenders["compiled"][:1], x, dy, cuda, compiled=True)
+        time_step(contenders["compiled"][0], x, dy, cuda, compiled=True)
         print(f"compiling the kernels (first call): {time.perf_counter() - begin:.1f} s")
     for _ in range(args.warmup):
         for module, compiled in contenders.values():
