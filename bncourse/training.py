@@ -15,7 +15,7 @@ forward pass.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -343,6 +343,7 @@ def train(
     percentiles: Sequence[float] = (15, 50, 85),
     record_units: Sequence[int] | None = None,
     cpu_threads: int | None = 1,
+    callback: Callable[[int, nn.Module, torch.Tensor, torch.Tensor], object] | None = None,
 ) -> TrainingHistory:
     """Train a classifier with mini-batch SGD (or Adam) on cross-entropy, recording its progress.
 
@@ -396,6 +397,13 @@ def train(
         book's small models, and it avoids a 10-20x slow-down when the cores are shared with
         another busy process (intra-op threads then wait on each other); raise it for large
         models.
+    callback : callable, optional
+        Called after every parameter update as ``callback(step, model, inputs, labels)``:
+        ``step`` is the number of updates done so far (1 .. ``steps``), ``inputs`` (B, ...)
+        and ``labels`` (B,) the mini-batch of that update, on ``device``; the model is still
+        in training mode. Its return value is ignored. Use it to record statistics the
+        history does not hold (the update's gradients are still in ``.grad``, BN buffers,
+        weights).
 
     Returns
     -------
@@ -484,6 +492,8 @@ def train(
                 train_loss[step] = loss
                 train_correct[step] = (logits.argmax(dim=1) == labels).sum()
             done = step + 1
+            if callback is not None:
+                callback(done, model, inputs, labels)
             if done == steps or (eval_every > 0 and done % eval_every == 0):
                 evaluate_now(done)
         wall_time = time.perf_counter() - start_time

@@ -110,8 +110,22 @@ def test_same_seed_same_history(data, norm):
 def test_optimizers(data):
     adam = train(_mlp("bn"), data, steps=100, lr=1e-2, optimizer="adam", device="cpu")
     assert adam.final_test_accuracy > 0.8
-    decayed = train(_mlp(), data, steps=20, lr=0.5, weight_decay=1e-3, device="cpu")
-    assert np.isfinite(decayed.train_loss).all()
+
+
+def _weight_norm(model: nn.Module, kind: type) -> float:
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, kind)]
+    return float(sum(w.square().sum() for w in weights))
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.5), ("adam", 1e-2)])
+def test_weight_decay_shrinks_every_kind_of_weight(data, optimizer, lr):
+    """The penalty reaches the linear weights and BN's gamma, with either optimizer."""
+    plain, decayed = _mlp("bn"), _mlp("bn")
+    kwargs = dict(steps=40, lr=lr, optimizer=optimizer, eval_every=0, device="cpu")
+    train(plain, data, **kwargs)
+    train(decayed, data, weight_decay=0.05, **kwargs)
+    for kind in (nn.Linear, nn.BatchNorm1d):
+        assert _weight_norm(decayed, kind) < 0.97 * _weight_norm(plain, kind), kind
 
 
 def test_record_shapes(data):
@@ -284,3 +298,20 @@ def test_results_do_not_depend_on_thread_count(data):
     two = train(_mlp("bn"), data, steps=30, lr=0.5, device="cpu", cpu_threads=2)
     np.testing.assert_allclose(one.train_loss, two.train_loss, rtol=1e-4)
     np.testing.assert_allclose(one.test_loss, two.test_loss, rtol=1e-4)
+
+
+def test_callback_sees_every_update_with_its_batch(data):
+    model = _mlp()
+    seen = []
+
+    def callback(step, model_, inputs, labels):
+        assert model_ is model and model_.training
+        assert inputs.shape == (10, 64) and labels.shape == (10,)
+        assert all(p.grad is not None for p in model_.parameters())
+        seen.append((step, labels.clone()))
+
+    train(model, data, steps=5, batch_size=10, eval_every=0, callback=callback, device="cpu")
+    assert [step for step, _ in seen] == [1, 2, 3, 4, 5]
+    sampler = iter(BatchSampler(data.num_train, 10, seed=0))
+    for _, labels in seen:
+        np.testing.assert_array_equal(labels.numpy(), np.asarray(data.y_train)[next(sampler)])
