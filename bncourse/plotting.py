@@ -5,6 +5,13 @@ draw on a Matplotlib ``Axes`` they return. The first helper called applies the b
 (:func:`use_book_style`), so every figure of the book looks alike; call it yourself before
 ``plt.subplots`` to style figures you draw by hand.
 
+Figures are drawn for the book's text column (about 690 CSS px on a desktop, 360 px on a
+phone): :data:`FIGURE_WIDTH` inches wide at most, with every text at least 11 pt, saved at
+:data:`DPI` dots per inch (twice the 96 px of a CSS inch, so they stay sharp on high-density
+screens). A figure that fills the column then shows its smallest text at about 16 CSS px on a
+desktop and 8.5 px on a phone. :func:`subplots` caps the width at :data:`FIGURE_WIDTH`; put at
+most two panels side by side and stack the others (``subplots(2, 1)``).
+
 Colours are fixed for the comparisons the book makes again and again (:data:`COLORS`): a curve
 labelled ``"no BN"`` is always vermilion, ``"BN"`` blue and ``"BN (no affine)"`` green; other
 labels take the colours of :data:`CYCLE` in order. Both come from the Okabe-Ito palette, which
@@ -21,6 +28,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 __all__ = [
+    "FIGURE_WIDTH",
+    "PANEL_HEIGHT",
+    "DPI",
     "COLORS",
     "CYCLE",
     "BOOK_STYLE",
@@ -52,10 +62,19 @@ CYCLE: tuple[str, ...] = (
 )
 """Colours, in order, of the labels that have no fixed colour (also Matplotlib's default cycle)."""
 
+FIGURE_WIDTH = 6.4
+"""Width of a figure that fills the text column, in inches (the widest :func:`subplots`)."""
+
+PANEL_HEIGHT = 3.4
+"""The default height of one row of panels, in inches."""
+
+DPI = 192
+"""Dots per inch of the figures (the notebook's inline PNGs use ``figure.dpi``)."""
+
 BOOK_STYLE: dict[str, object] = {
-    "figure.figsize": (7.0, 3.5),
-    "figure.dpi": 110,
-    "savefig.dpi": 150,
+    "figure.figsize": (FIGURE_WIDTH, PANEL_HEIGHT),
+    "figure.dpi": DPI,
+    "savefig.dpi": DPI,
     "savefig.bbox": "tight",
     "figure.facecolor": "white",
     "figure.constrained_layout.use": True,
@@ -75,11 +94,13 @@ BOOK_STYLE: dict[str, object] = {
     "grid.alpha": 0.7,
     "font.size": 11,
     "font.family": "sans-serif",
-    "xtick.labelsize": 10,
-    "ytick.labelsize": 10,
+    "xtick.labelsize": 11,
+    "ytick.labelsize": 11,
     "xtick.color": "#333333",
     "ytick.color": "#333333",
-    "legend.fontsize": 10,
+    "legend.fontsize": 11,
+    "legend.handlelength": 1.6,
+    "legend.borderaxespad": 0.3,
     "legend.frameon": False,
     "lines.linewidth": 1.8,
     "image.cmap": "viridis",
@@ -92,8 +113,10 @@ _style_applied = False
 def use_book_style() -> None:
     """Apply the book's Matplotlib style (:data:`BOOK_STYLE`) to the current session.
 
-    Light theme, readable font sizes, a light grid, no top/right spines, figures of 7 x 3.5
-    inches at 110 dpi. The plotting helpers call it automatically the first time one is used.
+    White background (the site keeps it white in its dark theme too), text of 11 pt and more, a
+    light grid, no top/right spines, figures of :data:`FIGURE_WIDTH` x :data:`PANEL_HEIGHT`
+    inches at :data:`DPI` dots per inch. The plotting helpers call it automatically the first
+    time one is used.
     """
     global _style_applied
     mpl.rcParams.update(BOOK_STYLE)
@@ -135,8 +158,21 @@ def label_axes(ax: Axes, xlabel: str, ylabel: str, title: str | None = None) -> 
     return ax
 
 
-def subplots(nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[Figure, Axes | np.ndarray]:
-    """``plt.subplots`` in the book style; a wide default size for several panels side by side.
+def subplots(
+    nrows: int = 1, ncols: int = 1, *, height: float | None = None, **kwargs
+) -> tuple[Figure, Axes | np.ndarray]:
+    """``plt.subplots`` in the book style, as wide as the text column.
+
+    Parameters
+    ----------
+    nrows, ncols : int
+        The grid of panels. Put at most two panels side by side; stack more (``nrows``).
+    height : float, optional
+        Height of the figure in inches; default :data:`PANEL_HEIGHT` per row (a little less per
+        row when there are several).
+    **kwargs
+        Passed to ``plt.subplots``. A ``figsize`` wider than :data:`FIGURE_WIDTH` is narrowed to
+        it (its height is kept), so that the figure is not shrunk into the column on the page.
 
     Returns
     -------
@@ -146,9 +182,14 @@ def subplots(nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[Figure, Axes | n
     import matplotlib.pyplot as plt
 
     _ensure_style()
-    if "figsize" not in kwargs:
-        width, height = BOOK_STYLE["figure.figsize"]
-        kwargs["figsize"] = (width * max(1.0, ncols / 2), height * max(1, nrows))
+    if "figsize" in kwargs:
+        width, fig_height = kwargs["figsize"]
+        kwargs["figsize"] = (min(float(width), FIGURE_WIDTH), float(fig_height))
+    else:
+        per_row = PANEL_HEIGHT if nrows == 1 else 0.85 * PANEL_HEIGHT
+        kwargs["figsize"] = (FIGURE_WIDTH, height if height is not None else per_row * nrows)
+    if height is not None:
+        kwargs["figsize"] = (kwargs["figsize"][0], height)
     return plt.subplots(nrows, ncols, **kwargs)
 
 

@@ -43,8 +43,8 @@ def test_style_is_applied_on_first_use():
     fig, ax = plt.subplots()
     plot_curves(ax, np.arange(3), {"BN": np.ones(3)}, "step", "loss")
     assert matplotlib.rcParams["axes.spines.top"] is False
-    assert matplotlib.rcParams["figure.dpi"] == 110
-    assert tuple(matplotlib.rcParams["figure.figsize"]) == (7.0, 3.5)
+    assert matplotlib.rcParams["figure.dpi"] == plotting.DPI
+    assert tuple(matplotlib.rcParams["figure.figsize"]) == (plotting.FIGURE_WIDTH, 3.4)
     assert matplotlib.rcParams["axes.grid"] is True
 
 
@@ -132,9 +132,24 @@ def test_plot_histograms():
     fig.canvas.draw()
 
 
-def test_subplots():
-    fig, axes = subplots(1, 3)
-    assert axes.shape == (3,)
-    assert fig.get_size_inches()[0] > 7
+def test_subplots_fit_the_text_column():
     fig, ax = subplots()
-    assert tuple(fig.get_size_inches()) == (7.0, 3.5)
+    assert tuple(fig.get_size_inches()) == (plotting.FIGURE_WIDTH, plotting.PANEL_HEIGHT)
+    fig, axes = subplots(1, 2)
+    assert axes.shape == (2,) and fig.get_size_inches()[0] == plotting.FIGURE_WIDTH
+    fig, axes = subplots(2, 1)
+    assert axes.shape == (2,) and fig.get_size_inches()[1] > plotting.PANEL_HEIGHT
+    fig, ax = subplots(figsize=(12, 3.0))  # too wide for the column: narrowed, height kept
+    assert tuple(fig.get_size_inches()) == (plotting.FIGURE_WIDTH, 3.0)
+    fig, ax = subplots(figsize=(4, 4), height=2.5)
+    assert tuple(fig.get_size_inches()) == (4.0, 2.5)
+
+
+def test_every_text_of_the_style_is_at_least_11_points():
+    use_book_style()
+    keys = ["font.size", "axes.labelsize", "xtick.labelsize", "ytick.labelsize"]
+    keys += ["legend.fontsize", "axes.titlesize"]
+    sizes = {key: matplotlib.rcParams[key] for key in keys}
+    assert min(sizes.values()) >= 11, sizes
+    # on a phone the column is about 358 CSS px: text of 11 pt in a figure filling it
+    assert 11 / 72 * 358 / plotting.FIGURE_WIDTH >= 8.0
