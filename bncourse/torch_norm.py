@@ -1,0 +1,592 @@
+"""The normalisation family in PyTorch: one autograd Function, five layers by the choice of axes.
+
+:func:`normalize` normalises its input over the given ``dims`` (subtracting the mean unless
+``center=False``), then scales by ``weight`` and shifts by ``bias``; its backward is derived by
+hand (the same closed form as :func:`bncourse.numpy_norm.normalize_backward`). The functional
+forms below (same signatures as ``torch.nn.functional``'s) only pick the dims:
+
+* :func:`layer_norm`: the trailing ``normalized_shape`` dims;
+* :func:`rms_norm`: the same dims, without centring and without a shift;
+* :func:`group_norm`: on the view ``(N, G, C // G, *spatial)``, dims ``2, 3, ...``;
+* :func:`instance_norm`: the positions ``2, 3, ...`` (running statistics optional).
+
+The modules :class:`LayerNorm`, :class:`GroupNorm`, :class:`InstanceNorm1d`,
+:class:`InstanceNorm2d`, :class:`InstanceNorm3d` and :class:`RMSNorm` are drop-in replacements
+of ``torch.nn``'s: same constructor arguments, parameters, buffers, ``state_dict`` keys, repr
+and errors (the same exception types). Half-precision inputs are computed in float32 and the
+result cast back, as PyTorch does.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "normalize",
+    "layer_norm",
+    "rms_norm",
+    "group_norm",
+    "instance_norm",
+    "LayerNorm",
+    "RMSNorm",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision inputs (PyTorch's "opmath" type), else the dtype itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _sum_to_shape(a: Tensor, shape: torch.Size) -> Tensor:
+    """Sum ``a`` over the dims along which a tensor of ``shape`` was broadcast to ``a``."""
+    lead = a.dim() - len(shape)
+    if lead:
+        a = a.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1)
+    return (a.sum(dim=dims, keepdim=True) if dims else a).reshape(shape)
+
+
+class _Normalize(torch.autograd.Function):
+    """``y = weight * (x - mean) / sqrt(var + eps) + bias`` over ``dims``, hand-derived backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dims, eps, center):
+        dtype = _compute_dtype(x.dtype)
+        xc = x.to(dtype)
+        if center:
+            xc = xc - xc.mean(dim=dims, keepdim=True)
+        variance = (xc * xc).mean(dim=dims, keepdim=True)  # biased, or the mean square
+        inv_std = torch.rsqrt(variance + eps)
+        x_hat = xc * inv_std
+        y = x_hat if weight is None else x_hat * weight.to(dtype)
+        if bias is not None:
+            y = y + bias.to(dtype)
+        ctx.save_for_backward(x_hat, inv_std, weight)
+        ctx.dims, ctx.center = dims, center
+        ctx.bias_shape = None if bias is None else bias.shape
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_hat, inv_std, weight = ctx.saved_tensors
+        dims = ctx.dims
+        dy32 = dy.to(x_hat.dtype)
+        g = dy32 if weight is None else dy32 * weight.to(x_hat.dtype)
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            # dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma; no mean(g) without centring
+            dx = g - x_hat * (g * x_hat).mean(dim=dims, keepdim=True)
+            if ctx.center:
+                dx = dx - g.mean(dim=dims, keepdim=True)
+            dx = (dx * inv_std).to(dy.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            dweight = _sum_to_shape(dy32 * x_hat, weight.shape).to(weight.dtype)
+        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+            dbias = _sum_to_shape(dy32, ctx.bias_shape).to(dy.dtype)
+        return dx, dweight, dbias, None, None, None
+
+
+def normalize(
+    input: Tensor,
+    dims: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    center: bool = True,
+) -> Tensor:
+    """Normalise ``input`` over ``dims``, then scale and shift: the whole family in one function.
+
+    Parameters
+    ----------
+    input : Tensor, any shape
+    dims : int or sequence of int
+        Dims of the statistics (mean and biased variance, one pair per position of the others).
+    weight, bias : Tensor, optional
+        Scale and shift, broadcastable to ``input``; ``bias`` needs a ``weight`` of its shape
+        or is broadcast on its own.
+    eps : float, default 1e-5
+    center : bool, default True
+        False divides by the root mean square instead (RMSNorm).
+
+    Returns
+    -------
+    Tensor, shape and dtype of ``input``
+    """
+    dims = (dims,) if isinstance(dims, int) else tuple(sorted(d % input.dim() for d in dims))
+    if bias is not None and weight is None:
+        # a shift alone: normalise, then add (autograd handles the addition)
+        return _Normalize.apply(input, None, None, dims, float(eps), center) + bias
+    return _Normalize.apply(input, weight, bias, dims, float(eps), center)
+
+
+def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(int(n) for n in normalized_shape)
+
+
+def _check_trailing(input: Tensor, shape: tuple[int, ...]) -> None:
+    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape) :]) != shape:
+        raise RuntimeError(
+            f"Given normalized_shape={list(shape)}, expected input with shape "
+            f"[*, {', '.join(map(str, shape))}], but got input of size {list(input.shape)}"
+        )
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer norm over the trailing ``normalized_shape`` dims (``torch.nn.functional.layer_norm``).
+
+    ``input`` (*, *normalized_shape); ``weight`` and ``bias`` of shape ``normalized_shape``.
+    """
+    shape = _as_shape(normalized_shape)
+    _check_trailing(input, shape)
+    return normalize(input, tuple(range(-len(shape), 0)), weight, bias, eps)
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """RMS norm over the trailing ``normalized_shape`` dims (``torch.nn.functional.rms_norm``).
+
+    ``eps=None`` uses the machine epsilon of the computation's dtype (float32 for float16 and
+    bfloat16 inputs, which are computed in float32, as in PyTorch).
+    """
+    shape = _as_shape(normalized_shape)
+    _check_trailing(input, shape)
+    if eps is None:
+        eps = torch.finfo(_compute_dtype(input.dtype)).eps
+    return normalize(input, tuple(range(-len(shape), 0)), weight, None, eps, center=False)
+
+
+def _per_channel(tensor: Tensor | None, shape: Sequence[int]) -> Tensor | None:
+    return None if tensor is None else tensor.reshape(shape)
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Group norm of ``input`` (N, C, *): per example over each group of ``C // num_groups``
+    channels and all positions (``torch.nn.functional.group_norm``)."""
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"Expected at least 2 dimensions for input tensor but received {input.dim()}"
+        )
+    n, c = input.shape[:2]
+    if c % num_groups:
+        raise RuntimeError(
+            f"Expected number of channels in input to be divisible by num_groups, but got "
+            f"input of shape {list(input.shape)} and num_groups={num_groups}"
+        )
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.numel() != c:
+            raise RuntimeError(
+                f"Expected {name} to be a vector of size equal to the number of channels in "
+                f"input, but got {name} of shape {list(tensor.shape)} and input of shape "
+                f"{list(input.shape)}"
+            )
+    grouped = (n, num_groups, c // num_groups, *input.shape[2:])
+    param = (1, num_groups, c // num_groups) + (1,) * (input.dim() - 2)
+    w, b = _per_channel(weight, param), _per_channel(bias, param)
+    dims = tuple(range(2, len(grouped)))
+    return normalize(input.reshape(grouped), dims, w, b, eps).reshape(input.shape)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Instance norm of ``input`` (N, C, *spatial) (``torch.nn.functional.instance_norm``).
+
+    With ``use_input_stats`` each example's channel is normalised over its positions; running
+    statistics, when given, move towards the batch average of the per-instance mean and
+    unbiased variance with weight ``momentum``. Without it the running statistics are used.
+    """
+    if input.dim() < 3:
+        raise ValueError(f"instance norm needs (N, C, *spatial) input, got {input.dim()}D input")
+    view = (1, -1) + (1,) * (input.dim() - 2)
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError("Expected running_mean and running_var when use_input_stats=False")
+        x = input.to(_compute_dtype(input.dtype))
+        y = (x - running_mean.reshape(view)) * torch.rsqrt(running_var.reshape(view) + eps)
+        y = y if weight is None else y * weight.reshape(view)
+        y = y if bias is None else y + bias.reshape(view)
+        return y.to(input.dtype)
+    if input.shape[2:].numel() <= 1:
+        raise ValueError(
+            "Expected more than 1 spatial element when training, got input size "
+            f"{list(input.shape)}"
+        )
+    dims = tuple(range(2, input.dim()))
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            x = input.detach().to(running_mean.dtype)
+            mean = x.mean(dim=dims).mean(dim=0)
+            var = x.var(dim=dims, correction=1).mean(dim=0)
+            running_mean.mul_(1 - momentum).add_(momentum * mean)
+            running_var.mul_(1 - momentum).add_(momentum * var)
+    return normalize(input, dims, _per_channel(weight, view), _per_channel(bias, view), eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerNorm(nn.Module):
+    """Drop-in :class:`torch.nn.LayerNorm`: normalise each example over ``normalized_shape``.
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of int
+        The trailing dims to normalise over (one statistic per leading position).
+    eps : float, default 1e-5
+    elementwise_affine : bool, default True
+        Learn ``weight`` (ones) and ``bias`` (zeros) of shape ``normalized_shape``.
+    bias : bool, default True
+        With ``elementwise_affine``, whether to learn the shift.
+    device, dtype
+        Where and in which dtype to create the parameters.
+    """
+
+    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``weight`` to 1 and ``bias`` to 0."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """(*, *normalized_shape) -> the same shape."""
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
+        )
+
+
+class RMSNorm(nn.Module):
+    """Drop-in :class:`torch.nn.RMSNorm`: divide by the root mean square over the trailing dims.
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of int
+    eps : float or None, default None
+        None: the machine epsilon of the computation's dtype (``torch.finfo``).
+    elementwise_affine : bool, default True
+        Learn ``weight`` (ones) of shape ``normalized_shape``; there is no shift.
+    device, dtype
+    """
+
+    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(
+                torch.empty(self.normalized_shape, device=device, dtype=dtype)
+            )
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``weight`` to 1."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(*, *normalized_shape) -> the same shape."""
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        )
+
+
+class GroupNorm(nn.Module):
+    """Drop-in :class:`torch.nn.GroupNorm`: per example over groups of channels and positions.
+
+    Parameters
+    ----------
+    num_groups : int
+        Number of groups G; ``num_channels`` must be divisible by it (else ValueError).
+    num_channels : int
+    eps : float, default 1e-5
+    affine : bool, default True
+        Learn per-channel ``weight`` (ones) and ``bias`` (zeros) of shape (C,).
+    device, dtype
+    bias : bool, keyword-only, default True
+        With ``affine``, whether to learn the shift.
+    """
+
+    __constants__ = ["num_groups", "num_channels", "eps", "affine"]
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_channels % num_groups != 0:
+            raise ValueError(
+                f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
+            )
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``weight`` to 1 and ``bias`` to 0."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """(N, C, *) -> the same shape."""
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class _InstanceNorm(nn.Module):
+    """Shared logic of the InstanceNorm modules (torch's ``_NormBase`` and ``_InstanceNorm``).
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float, default 1e-5
+    momentum : float or None, default 0.1
+        Weight of a new batch in the running statistics (None: 0, no update, as in PyTorch).
+    affine : bool, default False
+        Learn per-channel ``weight`` and ``bias``.
+    track_running_stats : bool, default False
+        Keep ``running_mean``, ``running_var`` and ``num_batches_tracked`` and use them in
+        evaluation mode.
+    device, dtype
+    bias : bool, keyword-only, default True
+    """
+
+    _version = 2
+    _no_batch_dim = 0  # rank of an unbatched input, set by the subclasses
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        factory = {"device": device, "dtype": dtype}
+        weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
+        self.register_parameter("weight", weight)
+        has_bias = affine and bias
+        self.register_parameter(
+            "bias", nn.Parameter(torch.empty(num_features, **factory)) if has_bias else None
+        )
+        stats = {"running_mean": None, "running_var": None, "num_batches_tracked": None}
+        if track_running_stats:
+            stats = {
+                "running_mean": torch.zeros(num_features, **factory),
+                "running_var": torch.ones(num_features, **factory),
+                "num_batches_tracked": torch.tensor(0, dtype=torch.long, device=device),
+            }
+        for name, tensor in stats.items():
+            self.register_buffer(name, tensor)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, ``num_batches_tracked`` 0."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, ``weight`` to 1 and ``bias`` to 0."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # checkpoints from before PyTorch 0.4 hold running statistics that are not tracked now
+        if local_metadata.get("version", None) is None and not self.track_running_stats:
+            names = (prefix + "running_mean", prefix + "running_var")
+            stale = [key for key in names if key in state_dict]
+            if stale:
+                error_msgs.append(
+                    f"Unexpected running stats buffer(s) {' and '.join(stale)} for "
+                    f"{type(self).__name__} with track_running_stats=False: remove them from "
+                    "state_dict, or set track_running_stats=True to use them."
+                )
+                for key in stale:
+                    state_dict.pop(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        """(N, C, *spatial) or unbatched (C, *spatial) -> the same shape."""
+        rank = self._no_batch_dim
+        if input.dim() not in (rank, rank + 1):
+            raise ValueError(f"expected {rank}D or {rank + 1}D input (got {input.dim()}D input)")
+        feature_dim = input.dim() - rank
+        if input.size(feature_dim) != self.num_features:
+            if self.affine:
+                raise ValueError(
+                    f"expected input's size at dim={feature_dim} to match num_features"
+                    f" ({self.num_features}), but got: {input.size(feature_dim)}."
+                )
+            warnings.warn(
+                f"input's size at dim={feature_dim} does not match num_features. You can "
+                "silence this warning by not passing in num_features, which is not used "
+                "because affine=False",
+                stacklevel=2,
+            )
+        unbatched = input.dim() == rank
+        x = input.unsqueeze(0) if unbatched else input
+        use_input_stats = self.training or not self.track_running_stats
+        y = instance_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            use_input_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+        return y.squeeze(0) if unbatched else y
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """Drop-in :class:`torch.nn.InstanceNorm1d`: input (N, C, L) or (C, L)."""
+
+    _no_batch_dim = 2
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """Drop-in :class:`torch.nn.InstanceNorm2d`: input (N, C, H, W) or (C, H, W)."""
+
+    _no_batch_dim = 3
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """Drop-in :class:`torch.nn.InstanceNorm3d`: input (N, C, D, H, W) or (C, D, H, W)."""
+
+    _no_batch_dim = 4

@@ -1,0 +1,263 @@
+"""Parity of bncourse.torch_norm with torch.nn: forward, backward, state, errors, module_db."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from bncourse import torch_norm as T
+
+PAIRS = {
+    "LayerNorm": (T.LayerNorm, nn.LayerNorm),
+    "RMSNorm": (T.RMSNorm, nn.RMSNorm),
+    "GroupNorm": (T.GroupNorm, nn.GroupNorm),
+    "InstanceNorm1d": (T.InstanceNorm1d, nn.InstanceNorm1d),
+    "InstanceNorm2d": (T.InstanceNorm2d, nn.InstanceNorm2d),
+    "InstanceNorm3d": (T.InstanceNorm3d, nn.InstanceNorm3d),
+}
+
+# (name, constructor args, constructor kwargs, input shape)
+CASES = [
+    ("LayerNorm", (16,), {}, (4, 7, 16)),
+    ("LayerNorm", ((7, 16),), {"eps": 1e-3}, (4, 7, 16)),
+    ("LayerNorm", ([16],), {"elementwise_affine": False}, (5, 16)),
+    ("LayerNorm", (16,), {"bias": False}, (2, 3, 16)),
+    ("RMSNorm", (16,), {}, (4, 7, 16)),
+    ("RMSNorm", ((7, 16),), {"eps": 1e-6}, (4, 7, 16)),
+    ("RMSNorm", (16,), {"elementwise_affine": False}, (3, 16)),
+    ("GroupNorm", (4, 8), {}, (3, 8, 5, 5)),
+    ("GroupNorm", (1, 8), {"affine": False}, (3, 8, 6)),
+    ("GroupNorm", (8, 8), {"bias": False}, (3, 8, 2, 2, 2)),
+    ("GroupNorm", (2, 6), {}, (4, 6)),
+    ("InstanceNorm1d", (6,), {}, (3, 6, 9)),
+    ("InstanceNorm1d", (6,), {"affine": True, "track_running_stats": True}, (6, 9)),
+    ("InstanceNorm2d", (4,), {"affine": True}, (3, 4, 5, 5)),
+    ("InstanceNorm2d", (4,), {"track_running_stats": True, "momentum": 0.3}, (3, 4, 5, 5)),
+    ("InstanceNorm2d", (4,), {"track_running_stats": True, "momentum": None}, (3, 4, 5, 5)),
+    ("InstanceNorm3d", (2,), {"affine": True, "track_running_stats": True}, (2, 2, 3, 3, 3)),
+]
+DTYPES = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2}
+
+
+def _pair(name, args, kwargs, dtype, seed=0):
+    ours_cls, theirs_cls = PAIRS[name]
+    ours = ours_cls(*args, **kwargs, dtype=dtype)
+    theirs = theirs_cls(*args, **kwargs, dtype=dtype)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + 1)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _assert_close(actual, expected, tol, what):
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def _step(module, x, dy):
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    y.backward(dy)
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize(("name", "args", "kwargs", "shape"), CASES)
+def test_parity_forward_backward_state(name, args, kwargs, shape, dtype):
+    tol = DTYPES[dtype]
+    ours, theirs = _pair(name, args, kwargs, dtype)
+    assert repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    torch.manual_seed(1)
+    for training in (True, True, False):
+        ours.train(training)
+        theirs.train(training)
+        x = (torch.randn(shape) * 2 + 3).to(dtype)
+        dy = torch.randn(shape).to(dtype)
+        y1, dx1 = _step(ours, x, dy)
+        y2, dx2 = _step(theirs, x, dy)
+        _assert_close(y1, y2, tol, f"{name} output (training={training})")
+        _assert_close(dx1, dx2, 5 * tol, f"{name} input gradient (training={training})")
+        for (pname, p1), p2 in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            _assert_close(p1.grad, p2.grad, 20 * tol, f"{name} {pname}.grad")
+            p1.grad, p2.grad = None, None
+        for key, value in theirs.state_dict().items():
+            mine = ours.state_dict()[key]
+            if value.is_floating_point():
+                _assert_close(mine, value, tol, f"{name} buffer {key}")
+            else:
+                assert torch.equal(mine, value), key
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm2d"])
+def test_gradcheck_float64(name):
+    args, shape = {
+        "LayerNorm": (((3, 4),), (2, 3, 4)),
+        "RMSNorm": ((4,), (2, 3, 4)),
+        "GroupNorm": ((2, 4), (2, 4, 3)),
+        "InstanceNorm2d": ((3,), (2, 3, 2, 3)),
+    }[name]
+    kwargs = {"affine": True} if name.startswith("Instance") else {}
+    module = PAIRS[name][0](*args, **kwargs, dtype=torch.float64)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    params = tuple(module.parameters())
+    assert torch.autograd.gradcheck(lambda x, *_: module(x), (x, *params))
+
+
+def test_general_function_gives_batch_norm():
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    ours = T.normalize(x, (0, 2, 3), w.view(1, 3, 1, 1))
+    ours.sum().mul(0).add((ours * torch.arange(ours.numel()).view_as(ours)).sum()).backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ref = nn.functional.batch_norm(x, None, None, w, training=True)
+    (ref * torch.arange(ref.numel()).view_as(ref)).sum().backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+def test_rms_norm_eps_none_is_the_dtype_eps():
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        x = torch.full((2, 4), 1e-4, dtype=dtype)
+        torch.testing.assert_close(T.RMSNorm(4, dtype=dtype)(x), nn.RMSNorm(4, dtype=dtype)(x))
+    assert T.RMSNorm(4).eps is None
+
+
+def test_empty_batch():
+    for ours, theirs, shape in [
+        (T.LayerNorm(5), nn.LayerNorm(5), (0, 5)),
+        (T.GroupNorm(2, 4), nn.GroupNorm(2, 4), (0, 4, 3)),
+    ]:
+        x = torch.randn(shape, requires_grad=True)
+        y = ours(x)
+        assert y.shape == theirs(x).shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+def test_errors_match_torch_types():
+    cases = [
+        (lambda m: m(torch.randn(3, 5)), T.LayerNorm(4), nn.LayerNorm(4)),
+        (lambda m: m(torch.randn(3, 5)), T.RMSNorm(4), nn.RMSNorm(4)),
+        (lambda m: m(torch.randn(3, 5, 2)), T.GroupNorm(2, 4), nn.GroupNorm(2, 4)),
+        (lambda m: m(torch.randn(3)), T.GroupNorm(1, 4), nn.GroupNorm(1, 4)),
+        (lambda m: m(torch.randn(3, 4)), T.InstanceNorm2d(4), nn.InstanceNorm2d(4)),
+        (
+            lambda m: m(torch.randn(2, 5, 3)),
+            T.InstanceNorm1d(4, affine=True),
+            nn.InstanceNorm1d(4, affine=True),
+        ),
+        (lambda m: m(torch.randn(2, 4, 1)), T.InstanceNorm1d(4), nn.InstanceNorm1d(4)),
+    ]
+    for call, ours, theirs in cases:
+        with pytest.raises(Exception) as expected:
+            call(theirs)
+        with pytest.raises(expected.type) as got:
+            call(ours)
+        assert len(str(got.value)) > 20
+    with pytest.raises(ValueError, match="divisible"):
+        T.GroupNorm(3, 8)
+
+
+def test_instance_norm_warns_like_torch_on_unused_num_features():
+    with pytest.warns(UserWarning, match="does not match num_features"):
+        T.InstanceNorm1d(4)(torch.randn(2, 5, 3))
+
+
+def test_instance_norm_refuses_an_old_checkpoint_like_torch():
+    """A pre-0.4 checkpoint (no version) with running statistics for an untracked layer."""
+    state = nn.InstanceNorm1d(3, track_running_stats=True).state_dict()
+    state._metadata[""]["version"] = None
+    for module in (T.InstanceNorm1d(3), nn.InstanceNorm1d(3)):
+        with pytest.raises(RuntimeError, match="Unexpected running stats buffer"):
+            module.load_state_dict(copy.deepcopy(state))
+    loaded = T.InstanceNorm1d(3, track_running_stats=True)
+    loaded.load_state_dict(copy.deepcopy(state))
+    assert loaded.num_batches_tracked.item() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch's own module inputs (torch.testing._internal.common_modules.module_db)
+
+
+def _module_db_entries():
+    pytest.importorskip("expecttest")
+    from torch.testing._internal.common_modules import module_db
+
+    names = {f"nn.{name}": name for name in PAIRS}
+    return [(names[info.name], info) for info in module_db if info.name in names]
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().requires_grad_(value.requires_grad)
+    return value
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_db_inputs(dtype, training):
+    checked = 0
+    for name, info in _module_db_entries():
+        ours_cls, theirs_cls = PAIRS[name]
+        inputs = info.module_inputs_func(
+            info, device="cpu", dtype=dtype, requires_grad=True, training=training
+        )
+        for module_input in inputs:
+            args = module_input.constructor_input.args
+            kwargs = dict(module_input.constructor_input.kwargs, dtype=dtype)
+            torch.manual_seed(0)
+            theirs = theirs_cls(*args, **kwargs).train(training)
+            ours = ours_cls(*args, **kwargs).train(training)
+            ours.load_state_dict(theirs.state_dict())
+            forward = module_input.forward_input
+            outputs = []
+            for module in (ours, theirs):
+                fargs = [_clone(a) for a in forward.args]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    y = module(*fargs, **forward.kwargs)
+                grads = ()
+                if y.requires_grad and y.numel():
+                    leaves = [a for a in fargs if isinstance(a, torch.Tensor)]
+                    leaves += list(module.parameters())
+                    grads = torch.autograd.grad(
+                        y, leaves, torch.ones_like(y) * 0.5 + y.detach(), allow_unused=True
+                    )
+                outputs.append((y, grads, module.state_dict()))
+            (y1, g1, s1), (y2, g2, s2) = outputs
+            what = f"{name} {module_input.desc} ({dtype}, training={training})"
+            torch.testing.assert_close(y1, y2, msg=lambda m, w=what: f"{w}: {m}")
+            assert len(g1) == len(g2), what
+            for a, b in zip(g1, g2, strict=True):
+                torch.testing.assert_close(a, b, msg=lambda m, w=what: f"{w} grad: {m}")
+            assert list(s1) == list(s2), what
+            for key in s1:
+                torch.testing.assert_close(s1[key], s2[key], msg=lambda m, w=what: f"{w}: {m}")
+            checked += 1
+        if info.module_error_inputs_func is not None:
+            errors = info.module_error_inputs_func(
+                info, device="cpu", dtype=dtype, requires_grad=False, training=training
+            )
+            for error in errors:
+                constructor = error.module_error_input.constructor_input
+                with pytest.raises(error.error_type, match=error.error_regex):
+                    ours_cls(*constructor.args, **constructor.kwargs)
+                checked += 1
+    # 10 GroupNorm + 2 GroupNorm errors + 3 x 6 InstanceNorm + 7 LayerNorm + 6 RMSNorm
+    assert checked == 43, checked
