@@ -1,4 +1,9 @@
-"""Tests of bncourse.numpy_bn, with PyTorch as the oracle.
+"""Tests of bncourse.numpy_bn and bncourse.fast.numpy_bn, with PyTorch as the oracle.
+
+Every test of the training-mode transform and of the layer runs twice, over the reference
+kernels (:mod:`bncourse.numpy_bn`) and the fast ones (:mod:`bncourse.fast.numpy_bn`): the
+parity suite. The paths particular to the fast kernels (slabs, long rows) are in
+``test_larger_shapes_match_torch``.
 
 Tolerances: float64 results agree with PyTorch (float64) within 1e-10; float32 results within a
 few 1e-5. The backward passes are also checked against central finite differences in float64.
@@ -6,7 +11,9 @@ few 1e-5. The backward passes are also checked against central finite difference
 
 from __future__ import annotations
 
+import functools
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,15 +21,26 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bncourse import numpy_bn
+from bncourse.fast import numpy_bn as fast_numpy_bn
 from bncourse.numpy_bn import (
     BatchNorm,
     BatchNormCache,
-    batch_norm_backward,
     batch_norm_backward_graph,
-    batch_norm_forward,
     batch_norm_inference,
     batch_statistics,
 )
+
+KERNEL_SETS = [
+    SimpleNamespace(
+        batch_norm_forward=module.batch_norm_forward,
+        batch_norm_backward=module.batch_norm_backward,
+        BatchNorm=functools.partial(BatchNorm, kernels=name),
+    )
+    for name, module in (("reference", numpy_bn), ("fast", fast_numpy_bn))
+]
+BOTH = pytest.mark.parametrize("bn", KERNEL_SETS, ids=["reference", "fast"])
+"""Runs a test with ``bn`` = the reference kernels, then the fast ones."""
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,11 +102,12 @@ def torch_reference(x, gamma, beta, dy, eps=1e-5):
 # ---------------------------------------------------------------------------------------------
 
 
+@BOTH
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 @pytest.mark.parametrize("eps", [1e-5, 1e-2])
-def test_forward_backward_match_torch(shape, dtype, affine, eps):
+def test_forward_backward_match_torch(bn, shape, dtype, affine, eps):
     rng = np.random.default_rng(len(shape) * 100 + shape[1])
     x = random_input(rng, shape, dtype)
     dy = rng.standard_normal(shape).astype(dtype)
@@ -96,8 +115,8 @@ def test_forward_backward_match_torch(shape, dtype, affine, eps):
     gamma = 1.0 + 0.5 * rng.standard_normal(channels) if affine else None
     beta = rng.standard_normal(channels) if affine else None
 
-    y, cache = batch_norm_forward(x, gamma, beta, eps)
-    dx, dgamma, dbeta = batch_norm_backward(dy, cache)
+    y, cache = bn.batch_norm_forward(x, gamma, beta, eps)
+    dx, dgamma, dbeta = bn.batch_norm_backward(dy, cache)
     y_ref, dx_ref, dgamma_ref, dbeta_ref = torch_reference(x, gamma, beta, dy, eps)
 
     tol = TOLERANCE[dtype]
@@ -115,30 +134,32 @@ def test_forward_backward_match_torch(shape, dtype, affine, eps):
 
 # shapes that take the other paths of the slab-by-slab passes: a last slab that is not a whole
 # number of constant rows, rows of 4096 values and more, samples larger than a slab, many slabs
+@BOTH
 @pytest.mark.parametrize(
     "shape", [(7, 10, 100), (3, 2, 4100), (3, 40, 4000), (300, 3, 9, 9), (5000, 3)], ids=str
 )
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-def test_larger_shapes_match_torch(shape, dtype):
+def test_larger_shapes_match_torch(bn, shape, dtype):
     rng = np.random.default_rng(int(np.prod(shape)))
     x = random_input(rng, shape, dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     gamma, beta = 1.0 + 0.5 * rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
-    y, cache = batch_norm_forward(x, gamma, beta)
-    dx, dgamma, dbeta = batch_norm_backward(dy, cache)
+    y, cache = bn.batch_norm_forward(x, gamma, beta)
+    dx, dgamma, dbeta = bn.batch_norm_backward(dy, cache)
     y_ref, dx_ref, dgamma_ref, dbeta_ref = torch_reference(x, gamma, beta, dy)
     tol = TOLERANCE[dtype]
     np.testing.assert_allclose(y, y_ref, **tol)
     np.testing.assert_allclose(dx, dx_ref, **tol)
     np.testing.assert_allclose(dgamma, dgamma_ref, rtol=tol["rtol"], atol=tol["atol"] * 10)
     np.testing.assert_allclose(dbeta, dbeta_ref, rtol=tol["rtol"], atol=tol["atol"] * 10)
-    layer = BatchNorm(shape[1])
+    layer = bn.BatchNorm(shape[1])
     for _ in range(2):  # the second call reuses the first one's x_hat memory
-        np.testing.assert_allclose(layer(x), batch_norm_forward(x, None, None)[0], **tol)
+        np.testing.assert_allclose(layer(x), bn.batch_norm_forward(x, None, None)[0], **tol)
 
 
+@BOTH
 @pytest.mark.parametrize("make", ["fortran", "sliced", "transposed"])
-def test_non_contiguous_input_and_gradient(make):
+def test_non_contiguous_input_and_gradient(bn, make):
     rng = np.random.default_rng(13)
     base = random_input(rng, (6, 3, 8, 5))
     x = {
@@ -149,8 +170,8 @@ def test_non_contiguous_input_and_gradient(make):
     dy = rng.standard_normal(x.shape)[..., ::-1]  # negative strides
     assert not x.flags.c_contiguous and not dy.flags.c_contiguous
     gamma, beta = rng.standard_normal(3), rng.standard_normal(3)
-    y, cache = batch_norm_forward(x, gamma, beta)
-    dx, dgamma, dbeta = batch_norm_backward(dy, cache)
+    y, cache = bn.batch_norm_forward(x, gamma, beta)
+    dx, dgamma, dbeta = bn.batch_norm_backward(dy, cache)
     y_ref, dx_ref, dgamma_ref, dbeta_ref = torch_reference(
         np.ascontiguousarray(x), gamma, beta, np.ascontiguousarray(dy)
     )
@@ -158,16 +179,17 @@ def test_non_contiguous_input_and_gradient(make):
         np.testing.assert_allclose(actual, expected, **TOLERANCE[np.float64])
 
 
+@BOTH
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-def test_graph_backward_agrees_with_closed_form(shape, dtype):
+def test_graph_backward_agrees_with_closed_form(bn, shape, dtype):
     rng = np.random.default_rng(7)
     x = random_input(rng, shape, dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     gamma = rng.standard_normal(shape[1])
     beta = rng.standard_normal(shape[1])
-    _, cache = batch_norm_forward(x, gamma, beta)
-    closed = batch_norm_backward(dy, cache)
+    _, cache = bn.batch_norm_forward(x, gamma, beta)
+    closed = bn.batch_norm_backward(dy, cache)
     graph = batch_norm_backward_graph(dy, cache)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else TOLERANCE[dtype]
     for a, b in zip(closed, graph, strict=True):
@@ -175,10 +197,11 @@ def test_graph_backward_agrees_with_closed_form(shape, dtype):
         np.testing.assert_allclose(a, b, **tol)
 
 
-def test_cache_holds_the_documented_fields():
+@BOTH
+def test_cache_holds_the_documented_fields(bn):
     rng = np.random.default_rng(0)
     x = random_input(rng, (4, 3, 2), np.float32)
-    y, cache = batch_norm_forward(x, None, None, eps=1e-3)
+    y, cache = bn.batch_norm_forward(x, None, None, eps=1e-3)
     assert isinstance(cache, BatchNormCache)
     assert cache.x is x
     assert cache.x_hat.dtype == np.float32 and cache.x_hat.shape == x.shape
@@ -209,13 +232,12 @@ def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-300))
 
 
+@BOTH
 @pytest.mark.parametrize(
     "shape", [(5, 3), (3, 2, 4), (2, 2, 3, 2), (1, 2, 3), (2, 1, 1, 2, 2)], ids=str
 )
-@pytest.mark.parametrize(
-    "backward", [batch_norm_backward, batch_norm_backward_graph], ids=["closed-form", "graph"]
-)
-def test_backward_matches_central_finite_differences(shape, backward):
+@pytest.mark.parametrize("backward", ["closed-form", "graph"])
+def test_backward_matches_central_finite_differences(bn, shape, backward):
     rng = np.random.default_rng(3)
     x = random_input(rng, shape)
     gamma = 1.0 + 0.3 * rng.standard_normal(shape[1])
@@ -223,10 +245,13 @@ def test_backward_matches_central_finite_differences(shape, backward):
     weights = rng.standard_normal(shape)  # L = sum(weights * y), so dL/dy = weights
 
     def loss(x_, gamma_, beta_):
-        return float(np.sum(weights * batch_norm_forward(x_, gamma_, beta_)[0]))
+        return float(np.sum(weights * bn.batch_norm_forward(x_, gamma_, beta_)[0]))
 
-    _, cache = batch_norm_forward(x, gamma, beta)
-    dx, dgamma, dbeta = backward(weights, cache)
+    _, cache = bn.batch_norm_forward(x, gamma, beta)
+    closed = bn.batch_norm_backward
+    dx, dgamma, dbeta = (closed if backward == "closed-form" else batch_norm_backward_graph)(
+        weights, cache
+    )
 
     h = 1e-5
 
@@ -252,21 +277,23 @@ def test_backward_matches_central_finite_differences(shape, backward):
 # ---------------------------------------------------------------------------------------------
 
 
+@BOTH
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_keeps_the_input_dtype(dtype):
+def test_keeps_the_input_dtype(bn, dtype):
     rng = np.random.default_rng(2)
     x = random_input(rng, (4, 3, 5), dtype)
-    y, cache = batch_norm_forward(x, np.ones(3), np.zeros(3))
-    dx, dgamma, dbeta = batch_norm_backward(x, cache)
+    y, cache = bn.batch_norm_forward(x, np.ones(3), np.zeros(3))
+    dx, dgamma, dbeta = bn.batch_norm_backward(x, cache)
     assert y.dtype == dtype and dx.dtype == dtype
     assert dgamma.dtype == dbeta.dtype == np.float64
-    layer = BatchNorm(3)
+    layer = bn.BatchNorm(3)
     assert layer(x).dtype == dtype and layer.backward(x).dtype == dtype
     assert layer.eval()(x).dtype == dtype
 
 
+@BOTH
 @pytest.mark.parametrize("shape", [(64, 4, 8, 8), (4096, 3), (2, 2, 4096)], ids=str)
-def test_large_mean_float32_stays_accurate(shape):
+def test_large_mean_float32_stays_accurate(bn, shape):
     """Mean 1e4, standard deviation 1, float32: E[x^2] - E[x]^2 would lose every digit."""
     rng = np.random.default_rng(4)
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
@@ -276,7 +303,7 @@ def test_large_mean_float32_stays_accurate(shape):
     var_ref = x64.var(axis=axes, keepdims=True)
     y_ref = (x64 - mean_ref) / np.sqrt(var_ref + 1e-5)
 
-    y, cache = batch_norm_forward(x, None, None)
+    y, cache = bn.batch_norm_forward(x, None, None)
     assert y.dtype == np.float32
     np.testing.assert_allclose(cache.mean, mean_ref.ravel(), rtol=1e-12)
     np.testing.assert_allclose(cache.var, var_ref.ravel(), rtol=1e-5)
@@ -285,14 +312,15 @@ def test_large_mean_float32_stays_accurate(shape):
     np.testing.assert_allclose(var, var_ref.ravel(), rtol=1e-5)
 
     dy = rng.standard_normal(shape).astype(np.float32)
-    dx, dgamma, _ = batch_norm_backward(dy, cache)
-    _, cache64 = batch_norm_forward(x64, None, None)
-    dx_ref, dgamma_ref, _ = batch_norm_backward(dy.astype(np.float64), cache64)
+    dx, dgamma, _ = bn.batch_norm_backward(dy, cache)
+    _, cache64 = bn.batch_norm_forward(x64, None, None)
+    dx_ref, dgamma_ref, _ = bn.batch_norm_backward(dy.astype(np.float64), cache64)
     np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-4)
     np.testing.assert_allclose(dgamma, dgamma_ref, rtol=1e-4, atol=1e-2)
 
 
-def test_large_mean_float32_stays_accurate_in_evaluation():
+@BOTH
+def test_large_mean_float32_stays_accurate_in_evaluation(bn):
     rng = np.random.default_rng(12)
     x = (1e4 + rng.standard_normal((16, 3, 4, 4))).astype(np.float32)
     running_mean = 1e4 + 0.1 * rng.standard_normal(3)  # float64, not a float32 number
@@ -305,7 +333,7 @@ def test_large_mean_float32_stays_accurate_in_evaluation():
     y = batch_norm_inference(x, running_mean, running_var, gamma, beta)
     assert y.dtype == np.float32
     np.testing.assert_allclose(y, reference, rtol=0, atol=1e-5)
-    layer = BatchNorm(3)
+    layer = bn.BatchNorm(3)
     layer.load_state_dict(
         {
             "weight": gamma,
@@ -318,22 +346,23 @@ def test_large_mean_float32_stays_accurate_in_evaluation():
     np.testing.assert_allclose(layer.eval()(x), reference, rtol=0, atol=1e-5)
 
 
+@BOTH
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("value", [0.0, 3.0, -1234.5678])
-def test_constant_channel_gives_beta_exactly_and_finite_gradients(dtype, value):
+def test_constant_channel_gives_beta_exactly_and_finite_gradients(bn, dtype, value):
     rng = np.random.default_rng(5)
     x = random_input(rng, (4, 3, 2, 2), dtype)
     x[:, 1] = value
     gamma = np.array([1.5, 2.0, 0.5])
     beta = np.array([0.25, -0.7, 1.0])
-    y, cache = batch_norm_forward(x, gamma, beta)
+    y, cache = bn.batch_norm_forward(x, gamma, beta)
     np.testing.assert_array_equal(y[:, 1], np.asarray(beta[1], dtype=dtype))
     dy = rng.standard_normal(x.shape).astype(dtype)
-    for backward in (batch_norm_backward, batch_norm_backward_graph):
+    for backward in (bn.batch_norm_backward, batch_norm_backward_graph):
         dx, dgamma, dbeta = backward(dy, cache)
         assert np.isfinite(dx).all() and np.isfinite(dgamma).all() and np.isfinite(dbeta).all()
         assert dgamma[1] == 0.0
-    layer = BatchNorm(3)
+    layer = bn.BatchNorm(3)
     assert (layer(x)[:, 1] == 0).all() and np.isfinite(layer.backward(dy)).all()
 
 
@@ -365,27 +394,29 @@ def _assert_state_matches(layer: BatchNorm, module: torch.nn.Module, tol) -> Non
 MODES = ["train", "train", "train", "eval", "eval", "train"]
 
 
+@BOTH
 @pytest.mark.parametrize(
     "shape", [(6, 3), (4, 2, 5), (1, 3, 4), (3, 2, 1, 1), (2, 3, 2, 3), (2, 1, 2, 2, 3)], ids=str
 )
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None, 1.0])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-def test_layer_matches_torch_over_several_steps(shape, momentum, dtype):
-    _run_layer_against_torch(shape, momentum, dtype, eps=1e-5, affine=True, track=True)
+def test_layer_matches_torch_over_several_steps(bn, shape, momentum, dtype):
+    _run_layer_against_torch(bn, shape, momentum, dtype, eps=1e-5, affine=True, track=True)
 
 
+@BOTH
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 @pytest.mark.parametrize("track", [True, False], ids=["track", "no-track"])
 @pytest.mark.parametrize("eps", [1e-5, 0.1])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-def test_layer_options_match_torch(affine, track, eps, dtype):
-    _run_layer_against_torch((4, 3, 3, 2), 0.3, dtype, eps=eps, affine=affine, track=track)
+def test_layer_options_match_torch(bn, affine, track, eps, dtype):
+    _run_layer_against_torch(bn, (4, 3, 3, 2), 0.3, dtype, eps=eps, affine=affine, track=track)
 
 
-def _run_layer_against_torch(shape, momentum, dtype, eps, affine, track):
+def _run_layer_against_torch(bn, shape, momentum, dtype, eps, affine, track):
     rng = np.random.default_rng(zlib.crc32(repr((shape, momentum, eps, affine, track)).encode()))
     channels = shape[1]
-    layer = BatchNorm(
+    layer = bn.BatchNorm(
         channels, eps=eps, momentum=momentum, affine=affine, track_running_stats=track
     )
     module = TORCH_MODULES[len(shape)](
@@ -421,8 +452,9 @@ def _run_layer_against_torch(shape, momentum, dtype, eps, affine, track):
         _assert_state_matches(layer, module, tol)
 
 
-def test_layer_defaults_and_running_statistics_start_at_zero_and_one():
-    layer = BatchNorm(4)
+@BOTH
+def test_layer_defaults_and_running_statistics_start_at_zero_and_one(bn):
+    layer = bn.BatchNorm(4)
     assert layer.training and layer.eps == 1e-5 and layer.momentum == 0.1
     np.testing.assert_array_equal(layer.weight, np.ones(4))
     np.testing.assert_array_equal(layer.bias, np.zeros(4))
@@ -433,16 +465,17 @@ def test_layer_defaults_and_running_statistics_start_at_zero_and_one():
     assert layer.train() is layer and layer.training
 
 
-def test_running_statistics_update_rule_and_unbiased_variance():
+@BOTH
+def test_running_statistics_update_rule_and_unbiased_variance(bn):
     rng = np.random.default_rng(8)
     x = random_input(rng, (5, 2, 3))
-    layer = BatchNorm(2, momentum=0.3)
+    layer = bn.BatchNorm(2, momentum=0.3)
     layer(x)
     mean = x.mean(axis=(0, 2))
     unbiased = x.var(axis=(0, 2), ddof=1)
     np.testing.assert_allclose(layer.running_mean, 0.7 * 0 + 0.3 * mean, rtol=1e-13)
     np.testing.assert_allclose(layer.running_var, 0.7 * 1 + 0.3 * unbiased, rtol=1e-13)
-    cumulative = BatchNorm(2, momentum=None)
+    cumulative = bn.BatchNorm(2, momentum=None)
     batches = [random_input(rng, (5, 2, 3)) for _ in range(3)]
     for batch in batches:
         cumulative(batch)
@@ -457,18 +490,20 @@ def test_running_statistics_update_rule_and_unbiased_variance():
     assert cumulative.num_batches_tracked == 3
 
 
-def test_eval_without_tracking_uses_batch_statistics():
+@BOTH
+def test_eval_without_tracking_uses_batch_statistics(bn):
     rng = np.random.default_rng(9)
     x = random_input(rng, (6, 3))
-    layer = BatchNorm(3, track_running_stats=False).eval()
+    layer = bn.BatchNorm(3, track_running_stats=False).eval()
     y = layer(x)
     np.testing.assert_allclose(y.mean(axis=0), 0, atol=1e-12)
     assert layer.running_mean is None and layer.running_var is None
     assert layer.num_batches_tracked is None
 
 
-def test_eval_with_tracking_allows_one_value_per_channel():
-    layer = BatchNorm(3).eval()
+@BOTH
+def test_eval_with_tracking_allows_one_value_per_channel(bn):
+    layer = bn.BatchNorm(3).eval()
     y = layer(np.array([[1.0, 2.0, 3.0]]))
     np.testing.assert_allclose(y, np.array([[1.0, 2.0, 3.0]]) / np.sqrt(1 + 1e-5), rtol=1e-14)
 
@@ -498,7 +533,8 @@ def test_batch_norm_inference_is_the_affine_map():
     )
 
 
-def test_state_dict_round_trips_with_torch():
+@BOTH
+def test_state_dict_round_trips_with_torch(bn):
     rng = np.random.default_rng(11)
     module = torch.nn.BatchNorm2d(3, momentum=0.5).double()
     for _ in range(2):
@@ -506,7 +542,7 @@ def test_state_dict_round_trips_with_torch():
     with torch.no_grad():
         module.weight.uniform_(0.5, 2)
         module.bias.uniform_(-1, 1)
-    layer = BatchNorm(3, momentum=0.5)
+    layer = bn.BatchNorm(3, momentum=0.5)
     layer.load_state_dict(module.state_dict())
     assert set(layer.state_dict()) == set(module.state_dict())
     assert layer.num_batches_tracked == 2
@@ -526,6 +562,14 @@ def test_repr_names_the_arguments():
     assert repr(BatchNorm(3, momentum=None)) == (
         "BatchNorm(3, eps=1e-05, momentum=None, affine=True, track_running_stats=True)"
     )
+    assert repr(BatchNorm(2, kernels="reference")).endswith(
+        "track_running_stats=True, kernels='reference')"
+    )
+
+
+def test_kernels_must_be_named():
+    with pytest.raises(ValueError, match=r"kernels must be one of \('fast', 'reference'\)"):
+        BatchNorm(3, kernels="slow")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,34 +581,38 @@ def _no_broadcast_traceback(excinfo) -> None:
     assert "broadcast" not in str(excinfo.value)
 
 
+@BOTH
 @pytest.mark.parametrize("bad", [np.ones(5), np.float64(1.0)], ids=["1-D", "0-D"])
-def test_wrong_rank_is_a_clear_error(bad):
+def test_wrong_rank_is_a_clear_error(bn, bad):
     with pytest.raises(ValueError, match=r"x must have shape \(N, C\) or \(N, C, \*spatial\)"):
-        batch_norm_forward(bad, None, None)
+        bn.batch_norm_forward(bad, None, None)
     with pytest.raises(ValueError, match=r"\(N, C\)"):
-        BatchNorm(5)(bad)
+        bn.BatchNorm(5)(bad)
 
 
+@BOTH
 @pytest.mark.parametrize("name", ["gamma", "beta"])
 @pytest.mark.parametrize("size", [2, 4])
-def test_parameters_of_the_wrong_size_are_named(name, size):
+def test_parameters_of_the_wrong_size_are_named(bn, name, size):
     x = np.ones((4, 3, 2))
     kwargs = {"gamma": np.ones(3), "beta": np.zeros(3)}
     kwargs[name] = np.ones(size)
     with pytest.raises(
         ValueError, match=rf"{name} must have shape \(3,\).*got shape \({size},\)"
     ) as excinfo:
-        batch_norm_forward(x, **kwargs)
+        bn.batch_norm_forward(x, **kwargs)
     _no_broadcast_traceback(excinfo)
 
 
-def test_parameter_of_the_wrong_rank_is_named():
+@BOTH
+def test_parameter_of_the_wrong_rank_is_named(bn):
     with pytest.raises(ValueError, match=r"gamma must have shape \(3,\)"):
-        batch_norm_forward(np.ones((4, 3)), np.ones((1, 3)), None)
+        bn.batch_norm_forward(np.ones((4, 3)), np.ones((1, 3)), None)
 
 
+@BOTH
 @pytest.mark.parametrize("name", ["running_mean", "running_var"])
-def test_running_buffers_of_the_wrong_size_are_named(name):
+def test_running_buffers_of_the_wrong_size_are_named(bn, name):
     x = np.ones((4, 3))
     buffers = {"running_mean": np.zeros(3), "running_var": np.ones(3)}
     buffers[name] = np.ones(5)
@@ -573,57 +621,62 @@ def test_running_buffers_of_the_wrong_size_are_named(name):
     ) as excinfo:
         batch_norm_inference(x, **buffers)
     _no_broadcast_traceback(excinfo)
-    layer = BatchNorm(3)
+    layer = bn.BatchNorm(3)
     state = layer.state_dict()
     state[name] = np.ones(5)
     with pytest.raises(ValueError, match=rf"{name} must have shape \(3,\)"):
         layer.load_state_dict(state)
 
 
-def test_layer_with_the_wrong_number_of_channels_is_a_clear_error():
+@BOTH
+def test_layer_with_the_wrong_number_of_channels_is_a_clear_error(bn):
     with pytest.raises(ValueError, match=r"4 channels on axis 1 \(num_features\).*\(2, 3\)"):
-        BatchNorm(4)(np.ones((2, 3)))
+        bn.BatchNorm(4)(np.ones((2, 3)))
     with pytest.raises(ValueError, match="4 channels"):
-        BatchNorm(4).eval()(np.ones((2, 3, 5)))
+        bn.BatchNorm(4).eval()(np.ones((2, 3, 5)))
 
 
+@BOTH
 @pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 2, 1, 1), (1, 1, 1, 1, 1)], ids=str)
-def test_one_value_per_channel_in_training_is_a_value_error_as_in_torch(shape):
+def test_one_value_per_channel_in_training_is_a_value_error_as_in_torch(bn, shape):
     x = np.ones(shape)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
-        batch_norm_forward(x, None, None)
+        bn.batch_norm_forward(x, None, None)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        BatchNorm(shape[1])(x)
+        bn.BatchNorm(shape[1])(x)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         torch.nn.functional.batch_norm(torch.ones(shape), None, None, training=True)
 
 
+@BOTH
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, bool, np.complex128])
-def test_non_floating_input_is_a_type_error(dtype):
+def test_non_floating_input_is_a_type_error(bn, dtype):
     x = np.ones((4, 3), dtype=dtype)
     with pytest.raises(TypeError, match=f"floating-point.*got dtype {np.dtype(dtype)}"):
-        batch_norm_forward(x, None, None)
+        bn.batch_norm_forward(x, None, None)
     with pytest.raises(TypeError, match="floating-point"):
-        BatchNorm(3)(x)
+        bn.BatchNorm(3)(x)
 
 
-def test_non_array_input_and_non_floating_parameters_are_type_errors():
+@BOTH
+def test_non_array_input_and_non_floating_parameters_are_type_errors(bn):
     with pytest.raises(TypeError, match="NumPy array"):
-        batch_norm_forward([[1.0, 2.0], [3.0, 4.0]], None, None)
+        bn.batch_norm_forward([[1.0, 2.0], [3.0, 4.0]], None, None)
     with pytest.raises(TypeError, match="gamma must be floating point"):
-        batch_norm_forward(np.ones((4, 3)), np.ones(3, dtype=np.int64), None)
+        bn.batch_norm_forward(np.ones((4, 3)), np.ones(3, dtype=np.int64), None)
 
 
-def test_backward_checks_dy_and_order():
+@BOTH
+def test_backward_checks_dy_and_order(bn):
     x = np.random.default_rng(0).standard_normal((4, 3))
-    _, cache = batch_norm_forward(x, None, None)
+    _, cache = bn.batch_norm_forward(x, None, None)
     with pytest.raises(ValueError, match=r"dy must have the shape of the forward input \(4, 3\)"):
-        batch_norm_backward(np.ones((4, 2)), cache)
+        bn.batch_norm_backward(np.ones((4, 2)), cache)
     with pytest.raises(ValueError, match="dy must have the shape"):
         batch_norm_backward_graph(np.ones((3, 3)), cache)
     with pytest.raises(RuntimeError, match="backward called before forward"):
-        BatchNorm(3).backward(np.ones((4, 3)))
-    layer = BatchNorm(3)
+        bn.BatchNorm(3).backward(np.ones((4, 3)))
+    layer = bn.BatchNorm(3)
     layer(x)
     with pytest.raises(ValueError, match="dy must have the shape"):
         layer.backward(np.ones((4, 2)))
@@ -632,6 +685,7 @@ def test_backward_checks_dy_and_order():
         layer.backward(np.ones((4, 2)))
 
 
+@BOTH
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -640,9 +694,9 @@ def test_backward_checks_dy_and_order():
         (dict(num_features=3, momentum=1.5), r"momentum must be in \[0, 1\] or None"),
     ],
 )
-def test_bad_constructor_arguments(kwargs, message):
+def test_bad_constructor_arguments(bn, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        BatchNorm(**kwargs)
+        bn.BatchNorm(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,6 +710,7 @@ shapes = (
 )
 
 
+@BOTH
 @settings(max_examples=40, deadline=None)
 @given(
     shape=shapes,
@@ -664,14 +719,14 @@ shapes = (
     scale=st.floats(1e-2, 1e2),
     eps=st.sampled_from([1e-5, 1e-3, 0.5]),
 )
-def test_property_forward_backward_match_torch(shape, seed, location, scale, eps):
+def test_property_forward_backward_match_torch(bn, shape, seed, location, scale, eps):
     rng = np.random.default_rng(seed)
     x = location + scale * rng.standard_normal(shape)
     dy = rng.standard_normal(shape)
     gamma = rng.standard_normal(shape[1])
     beta = rng.standard_normal(shape[1])
-    y, cache = batch_norm_forward(x, gamma, beta, eps)
-    dx, dgamma, dbeta = batch_norm_backward(dy, cache)
+    y, cache = bn.batch_norm_forward(x, gamma, beta, eps)
+    dx, dgamma, dbeta = bn.batch_norm_backward(dy, cache)
     y_ref, dx_ref, dgamma_ref, dbeta_ref = torch_reference(x, gamma, beta, dy, eps)
     np.testing.assert_allclose(y, y_ref, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-9, atol=1e-9 * max(1.0, 1 / scale))
@@ -681,21 +736,22 @@ def test_property_forward_backward_match_torch(shape, seed, location, scale, eps
     np.testing.assert_allclose(graph[0], dx, rtol=1e-8, atol=1e-8 * max(1.0, 1 / scale))
 
 
+@BOTH
 @settings(max_examples=30, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**32 - 1), location=st.floats(-1e4, 1e4))
-def test_property_output_is_normalised_and_gradient_sums_to_zero(shape, seed, location):
+def test_property_output_is_normalised_and_gradient_sums_to_zero(bn, shape, seed, location):
     """Per channel: y has mean beta and variance gamma**2 * var / (var + eps); sum(dx) = 0."""
     rng = np.random.default_rng(seed)
     x = location + rng.standard_normal(shape)
     gamma, beta = rng.uniform(0.5, 2, shape[1]), rng.standard_normal(shape[1])
-    y, cache = batch_norm_forward(x, gamma, beta)
+    y, cache = bn.batch_norm_forward(x, gamma, beta)
     axes = (0, *range(2, len(shape)))
     np.testing.assert_allclose(y.mean(axis=axes), beta, atol=1e-9)
     np.testing.assert_allclose(
         y.var(axis=axes), gamma**2 * cache.var / (cache.var + 1e-5), rtol=1e-9, atol=1e-12
     )
     dy = rng.standard_normal(shape)
-    dx, _, _ = batch_norm_backward(dy, cache)
+    dx, _, _ = bn.batch_norm_backward(dy, cache)
     # rounding in dx is relative to its terms, gamma / std * dy, which can be large (tiny
     # spread), and the rounding of the mean is relative to |location| / std
     magnitude = (gamma * cache.inv_std).max() * np.abs(dy).sum()
@@ -703,6 +759,7 @@ def test_property_output_is_normalised_and_gradient_sums_to_zero(shape, seed, lo
     np.testing.assert_allclose(dx.sum(axis=axes), 0, atol=relative * max(1.0, magnitude))
 
 
+@BOTH
 @settings(max_examples=25, deadline=None)
 @given(
     shape=shapes,
@@ -710,9 +767,9 @@ def test_property_output_is_normalised_and_gradient_sums_to_zero(shape, seed, lo
     momentum=st.sampled_from([0.1, 0.3, None, 1.0]),
     steps=st.integers(1, 3),
 )
-def test_property_running_statistics_match_torch(shape, seed, momentum, steps):
+def test_property_running_statistics_match_torch(bn, shape, seed, momentum, steps):
     rng = np.random.default_rng(seed)
-    layer = BatchNorm(shape[1], momentum=momentum)
+    layer = bn.BatchNorm(shape[1], momentum=momentum)
     module = TORCH_MODULES[len(shape)](shape[1], momentum=momentum, dtype=torch.float64)
     for _ in range(steps):
         x = random_input(rng, shape)
