@@ -12,8 +12,11 @@ under ``book/``). In each notebook:
   ``NotImplementedError``, so the exercise's check answers "not implemented yet" until the learner
   writes the code; a solution cell without markers becomes the stub as a whole;
 * hidden tests (``### BEGIN HIDDEN TESTS`` to ``### END HIDDEN TESTS``) are removed;
-* the body of every ``{solution}`` directive is replaced by "The solution is withheld in the
-  student edition." (its label stays, so cross-references still resolve);
+* the body of every ``{solution}`` and ``{solution-start}`` directive is replaced by "The
+  solution is withheld in the student edition." (its label stays, so cross-references still
+  resolve); so is any markdown text between a ``{solution-start}`` and its ``{solution-end}``
+  (the gated solution of a coding exercise, CONTRIBUTING.md, holds the solution's code cell;
+  every code cell there must be a solution cell);
 * outputs and execution counts are cleared, and the ``hide-input`` tag of solution cells is
   dropped so that the learner sees the cell to fill in.
 
@@ -92,8 +95,9 @@ def withhold_solution_directives(markdown: str, where: str = "markdown") -> tupl
     """Replace the body of every ``{solution}`` directive in ``markdown`` by :data:`WITHHELD`.
 
     The opening fence, the directive's options (its label, its class) and the closing fence are
-    kept. Returns the new text and the number of directives withheld. Gated solutions
-    (``solution-start``/``solution-end``) are refused: CONTRIBUTING.md asks for plain directives.
+    kept. Returns the new text and the number of directives withheld. A gated solution's
+    ``{solution-start}`` is withheld the same way; its ``{solution-end}`` (no body) is kept, and
+    the text between them, which may span cells, is :func:`withhold_between_gates`'s job.
     """
     lines = markdown.split("\n")
     out: list[str] = []
@@ -105,11 +109,10 @@ def withhold_solution_directives(markdown: str, where: str = "markdown") -> tupl
             out.append(lines[i])
             i += 1
             continue
-        if match["name"] != "solution":
-            raise ValueError(
-                f"{where}: gated solutions ({{{match['name']}}}) are not supported; "
-                "use a plain {solution} directive (CONTRIBUTING.md)"
-            )
+        if match["name"] == "solution-end":
+            out.append(lines[i])
+            i += 1
+            continue
         fence = match["fence"]
         closing = re.compile(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
         out.append(lines[i])
@@ -131,6 +134,44 @@ def withhold_solution_directives(markdown: str, where: str = "markdown") -> tupl
         count += 1
         i = body_end + 1
     return "\n".join(out), count
+
+
+def withhold_between_gates(
+    markdown: str, inside: bool, where: str = "markdown"
+) -> tuple[str, bool]:
+    """Withhold the text of ``markdown`` that lies inside a gated solution.
+
+    ``inside`` says whether the text starts inside one (a ``{solution-start}`` in an earlier
+    cell, not closed yet). Directives are kept whole (a ``{solution-start}``'s own body is
+    :func:`withhold_solution_directives`'s job); each run of other lines inside the gates becomes
+    one :data:`WITHHELD` line. Returns the new text and whether it ends inside a gated solution.
+    """
+    lines = markdown.split("\n")
+    out: list[str] = []
+    i, withheld = 0, False
+    while i < len(lines):
+        match = _DIRECTIVE_OPEN.match(lines[i])
+        if match:
+            fence = match["fence"]
+            closing = re.compile(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+            end = next((j for j in range(i + 1, len(lines)) if closing.match(lines[j])), None)
+            if end is None:
+                raise ValueError(f"{where}: the {{{match['name']}}} directive is never closed")
+            out.extend(lines[i : end + 1])
+            if match["name"] == "solution-start":
+                inside = True
+            elif match["name"] == "solution-end":
+                inside = False
+            i, withheld = end + 1, False
+            continue
+        if inside and lines[i].strip():
+            if not withheld:
+                out.append(WITHHELD)
+                withheld = True
+        else:
+            out.append(lines[i])
+        i += 1
+    return "\n".join(out), inside
 
 
 def _source(cell: dict[str, Any]) -> str:
@@ -157,15 +198,22 @@ def student_notebook(notebook: dict[str, Any], name: str = "notebook") -> dict[s
     """Return the student edition of a notebook (as parsed JSON); the input is left unchanged."""
     notebook = copy.deepcopy(notebook)
     label: str | None = None
+    gated = False  # inside a gated solution ({solution-start} ... {solution-end})
     for index, cell in enumerate(notebook["cells"]):
         where = f"{name}, cell {index}"
         source = _source(cell)
         for found in re.finditer(r":label:\s*(ex-[\w-]+)", source):
             label = found.group(1)
         if cell["cell_type"] == "markdown":
+            source, gated = withhold_between_gates(source, gated, where)
             source, _ = withhold_solution_directives(source, where)
             source, _ = _replace_regions(source, BEGIN_SOLUTION, END_SOLUTION, WITHHELD, where)
         elif cell["cell_type"] == "code":
+            if gated and not is_solution_cell(cell):
+                raise ValueError(
+                    f"{where}: a code cell inside a gated solution must be a solution cell "
+                    "(tag `solution`, nbgrader solution: true), or it shows the answer"
+                )
             label = _exercise_label(cell, label)
             source, _ = _replace_regions(source, BEGIN_HIDDEN_TESTS, END_HIDDEN_TESTS, None, where)
             source, replaced = _replace_regions(
@@ -180,6 +228,8 @@ def student_notebook(notebook: dict[str, Any], name: str = "notebook") -> dict[s
             cell["outputs"] = []
             cell["execution_count"] = None
         cell["source"] = source
+    if gated:
+        raise ValueError(f"{name}: a {{solution-start}} is never closed by {{solution-end}}")
     return notebook
 
 
@@ -195,9 +245,15 @@ class WithholdSolutionText(Preprocessor):
         config=True
     )
 
+    def preprocess(self, nb, resources):
+        self._gated = False
+        return super().preprocess(nb, resources)
+
     def preprocess_cell(self, cell, resources, index):
         if cell.cell_type == "markdown":
-            cell.source, _ = withhold_solution_directives(cell.source, f"cell {index}")
+            where = f"cell {index}"
+            cell.source, self._gated = withhold_between_gates(cell.source, self._gated, where)
+            cell.source, _ = withhold_solution_directives(cell.source, where)
         return cell, resources
 
 

@@ -6,15 +6,16 @@ import re
 
 import pytest
 
-_FENCE = re.compile(r"^\s*(`{3,}|~{3,}|:{3,})\{solution\}")
+_FENCE = re.compile(r"^\s*(`{3,}|~{3,}|:{3,})\{solution(-start)?\}")
 
 
 def _solution_lines(notebook: dict) -> set[str]:
     """Every line of a notebook's reference solutions, stripped, that appears nowhere else in it.
 
     Solutions are the lines between ``BEGIN SOLUTION`` and ``END SOLUTION`` in any cell and the
-    bodies of ``{solution}`` directives (after the ``:option:`` lines). A line that the notebook
-    also holds outside its solutions (say ``return x``) reveals nothing and is left out.
+    bodies of ``{solution}`` and ``{solution-start}`` directives (after the ``:option:`` lines).
+    A line that the notebook also holds outside its solutions (say ``return x``) reveals nothing
+    and is left out.
     Written independently of ``bncourse.student`` on purpose.
     """
     inside, outside = set(), set()

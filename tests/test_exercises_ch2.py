@@ -33,7 +33,7 @@ def stub(*args, **kwargs):
 def test_reference_solutions_pass(capsys):
     assert check_forward(reference_forward)
     assert check_backward(reference_backward)
-    assert "ex-2-1: all checks passed" in capsys.readouterr().out
+    assert "Exercise 2.1: all checks passed" in capsys.readouterr().out
 
 
 def test_package_functions_pass():

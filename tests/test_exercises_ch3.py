@@ -34,7 +34,7 @@ def test_reference_solutions_pass(capsys):
     assert check_identity_parameters(reference_identity_parameters)
     assert check_undo_batch_norm(reference_undo_batch_norm)
     out = capsys.readouterr().out
-    assert "ex-3-1: all checks passed" in out and "ex-3-2: all checks passed" in out
+    assert "Exercise 3.1: all checks passed" in out and "Exercise 3.2: all checks passed" in out
 
 
 def test_package_functions_pass():

@@ -42,7 +42,7 @@ def test_reference_solutions_pass(capsys):
     assert check_channel_statistics(channel_statistics)
     assert check_spatial_backward(spatial_backward)
     assert check_fold_conv_bn(fold_conv_bn)
-    assert "ex-5-4: all checks passed" in capsys.readouterr().out
+    assert "Exercise 5.4: all checks passed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -483,7 +483,10 @@ def test_chapter_page(name: str, open_page):
     assert "google.colab" not in page.content(), f"{name}: the Colab set-up cell is shown"
 
     solutions = page.locator("div.solution.dropdown")
-    expected = sum("{solution}" in "".join(c["source"]) for c in _notebook(name)["cells"])
+    expected = sum(
+        "{solution}" in "".join(c["source"]) or "{solution-start}" in "".join(c["source"])
+        for c in _notebook(name)["cells"]
+    )
     assert solutions.count() == expected, f"{name}: {solutions.count()} solution dropdowns"
     for index in range(solutions.count()):
         solution = solutions.nth(index)
@@ -611,3 +614,236 @@ def test_solution_free_site_exposes_no_notebook(site_without_solutions: Build):
 def test_solution_free_build_reuses_the_execution_cache(site_without_solutions: Build):
     executed = re.findall(r"(\S+\.ipynb): Executing notebook", site_without_solutions.log)
     assert not executed, f"the solution-free build ran notebooks again: {executed}"
+
+
+# --- the reading experience (../shared/BOOK.md, "The reading experience") ---------------------
+
+DESKTOP, PHONE = 1280, 390  # CSS px
+MIN_FIGURE_TEXT_PX = {DESKTOP: 11.0, PHONE: 8.0}  # the smallest text of a figure, CSS px
+MAX_SHRINK = 0.8  # a figure may be drawn at no less than 80 % of its size at 96 px per inch
+
+
+def _style_min_font_pt() -> float:
+    """The smallest font size, in points, that the book style gives any text of a figure."""
+    from bncourse.plotting import BOOK_STYLE
+
+    keys = ("font.size", "axes.labelsize", "xtick.labelsize", "ytick.labelsize", "legend.fontsize")
+    return min(float(BOOK_STYLE[key]) for key in keys)
+
+
+def png_dpi(path: Path) -> float | None:
+    """The resolution a PNG declares (its ``pHYs`` chunk), in dots per inch; None if none."""
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    position = 8
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        if kind == b"pHYs":
+            body = data[position + 8 : position + 8 + length]
+            per_unit, unit = int.from_bytes(body[:4], "big"), body[8]
+            return per_unit * 0.0254 if unit == 1 else None
+        if kind == b"IDAT":
+            return None
+        position += 12 + length
+    return None
+
+
+_READING = r"""() => {
+  const article = document.querySelector('article.bd-article') || document.body;
+  const shown = element => element.getClientRects().length > 0;
+  const where = element => {
+    const section = element.closest('section[id]');
+    return section ? '#' + section.id : 'top';
+  };
+  const text = element => element.innerText.trim().replace(/\s+/g, ' ').slice(0, 70);
+  const result = {figures: [], overflowing: [], asserts: [], solutions: [], markers: [],
+                  warnings: [], wide: [], takeaways: false};
+  for (const image of article.querySelectorAll('.cell_output img')) {
+    if (!shown(image)) continue;
+    const figure = image.closest('figure');
+    const caption = figure && figure.querySelector('figcaption .caption-number');
+    result.figures.push({
+      src: image.getAttribute('src'), alt: image.getAttribute('alt') || '',
+      width: image.getBoundingClientRect().width, natural: image.naturalWidth,
+      caption: caption ? figure.querySelector('figcaption').innerText.trim().slice(0, 60) : null,
+      where: figure && figure.id ? '#' + figure.id : where(image)});
+  }
+  for (const pre of article.querySelectorAll('pre')) {
+    if (!shown(pre) || pre.closest('mjx-container')) continue;
+    if (pre.scrollWidth > pre.clientWidth + 1) {
+      const line = pre.innerText.split('\n').reduce((a, b) => (b.length > a.length ? b : a), '');
+      result.overflowing.push({where: where(pre), chars: line.length, line: line.slice(0, 70),
+        output: !!pre.closest('.cell_output')});
+    }
+  }
+  for (const pre of article.querySelectorAll('.cell_input pre')) {
+    if (!shown(pre)) continue;
+    for (const line of pre.innerText.split('\n')) {
+      if (/^\s*assert\b/.test(line)) {
+        result.asserts.push({where: where(pre), line: line.trim().slice(0, 70)});
+      }
+    }
+  }
+  for (const cell of article.querySelectorAll('.cell.tag_solution')) {
+    if (!cell.closest('div.solution')) result.solutions.push(where(cell) + ': ' + text(cell));
+  }
+  for (const marker of ['BEGIN SOLUTION', 'END SOLUTION']) {
+    if (article.textContent.includes(marker)) result.markers.push(marker);
+  }
+  for (const output of article.querySelectorAll('.cell_output .output')) {
+    const stderr = output.classList.contains('stderr');
+    if (stderr || /\b[A-Z]\w*Warning\b/.test(output.textContent)) {
+      result.warnings.push(where(output) + ': ' + output.textContent.trim().slice(0, 100));
+    }
+  }
+  const viewport = document.documentElement.clientWidth;
+  result.pageWidth = document.documentElement.scrollWidth;
+  result.viewport = viewport;
+  if (result.pageWidth > viewport + 1) {
+    const scrolls = element => {
+      for (let e = element.parentElement; e && e !== document.body; e = e.parentElement) {
+        const overflow = getComputedStyle(e).overflowX;
+        if (overflow !== 'visible' && e.getBoundingClientRect().right <= viewport + 1) return true;
+      }
+      return false;
+    };
+    for (const element of document.body.querySelectorAll('*')) {
+      const box = element.getBoundingClientRect();
+      if (box.width === 0 || box.right <= viewport + 1 || scrolls(element)) continue;
+      const parent = element.parentElement;
+      if (parent && parent.getBoundingClientRect().right > viewport + 1 && !scrolls(parent)
+          && parent !== document.body && parent.closest('article')) continue;
+      result.wide.push(`${element.tagName.toLowerCase()}.${[...element.classList].join('.')}`
+        + ` in ${where(element)} to ${Math.round(box.right)} px: ${text(element)}`);
+      if (result.wide.length >= 8) break;
+    }
+  }
+  result.takeaways = [...article.querySelectorAll('.admonition .admonition-title')]
+    .some(title => /key takeaways/i.test(title.textContent));
+  return result;
+}"""
+
+
+@dataclass
+class Reading:
+    """What a reader meets on one page at one width, and what is wrong with it."""
+
+    name: str
+    width: int
+    figures: list[dict]
+    raw: dict
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def smallest_text(self) -> float | None:
+        sizes = [f["text_px"] for f in self.figures if f["text_px"] is not None]
+        return min(sizes) if sizes else None
+
+    def summary(self) -> dict:
+        return {
+            "page": self.name,
+            "width": self.width,
+            "figures": len(self.figures),
+            "smallest figure text px": (
+                None if self.smallest_text is None else round(self.smallest_text, 1)
+            ),
+            "figures with caption and alt": sum(
+                bool(f["caption"]) and _good_alt(f["alt"]) for f in self.figures
+            ),
+            "code boxes overflowing": len(self.raw["overflowing"]),
+            "visible asserts": len(self.raw["asserts"]),
+            "page width": self.raw["pageWidth"],
+            "problems": len(self.problems),
+        }
+
+
+def _good_alt(alt: str) -> bool:
+    """Alt text that describes: words, not a file name or a hash."""
+    return len(alt) >= 15 and " " in alt and not re.search(r"[0-9a-f]{16}|\.png$", alt)
+
+
+def read_page(page, html_dir: Path, name: str, width: int) -> Reading:
+    """Measure what a reader meets on ``page`` (already open at ``width``)."""
+    raw = page.evaluate(_READING)
+    font_pt = _style_min_font_pt()
+    base = (html_dir / _page_path(name)).parent
+    figures, problems = [], []
+    for figure in raw["figures"]:
+        dpi = png_dpi((base / figure["src"]).resolve())
+        scale = figure["width"] / figure["natural"] if figure["natural"] else 0.0
+        figure["dpi"] = dpi
+        figure["text_px"] = font_pt * dpi / 72 * scale if dpi else None
+        # drawn size relative to the figure's size at 96 CSS px per inch
+        figure["shrink"] = figure["width"] / (figure["natural"] / dpi * 96) if dpi else None
+        figures.append(figure)
+        label = f"figure {figure['where']} ({figure['src'].rsplit('/', 1)[-1][:12]})"
+        if dpi is None:
+            problems.append(f"{label}: the PNG declares no dpi, its text size is unknown")
+        elif figure["text_px"] < MIN_FIGURE_TEXT_PX[width]:
+            problems.append(
+                f"{label}: text {figure['text_px']:.1f} px < {MIN_FIGURE_TEXT_PX[width]} px "
+                f"(drawn {figure['width']:.0f} px wide from {figure['natural']} px, "
+                f"{dpi:.0f} dpi)"
+            )
+        if width == DESKTOP and figure["shrink"] is not None and figure["shrink"] < MAX_SHRINK:
+            problems.append(f"{label}: shrunk to {figure['shrink']:.0%} of its size")
+        if not figure["caption"]:
+            problems.append(f"{label}: no numbered caption")
+        if not _good_alt(figure["alt"]):
+            problems.append(f"{label}: alt text {figure['alt'][:40]!r} does not describe it")
+    for box in raw["overflowing"]:
+        kind = "output" if box["output"] else "code"
+        problems.append(
+            f"{kind} box in {box['where']} scrolls sideways ({box['chars']} chars: {box['line']!r})"
+        )
+    problems += [f"assert in the reading flow, {a['where']}: {a['line']}" for a in raw["asserts"]]
+    problems += [f"solution code outside its dropdown: {s}" for s in raw["solutions"]]
+    problems += [f"grader marker shown: {m}" for m in raw["markers"]]
+    problems += [f"warning or stderr in an output: {w}" for w in raw["warnings"]]
+    if raw["pageWidth"] > raw["viewport"] + 1:
+        problems.append(
+            f"the page scrolls sideways ({raw['pageWidth']} px in {raw['viewport']} px): "
+            + "; ".join(raw["wide"])
+        )
+    return Reading(name, width, figures, raw, problems)
+
+
+def open_at(browser, server: str, name: str, width: int):
+    """A page of the site opened at ``width`` CSS px, MathJax done and images decoded."""
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    page = context.new_page()
+    page.goto(server + _page_path(name), wait_until="load")
+    page.wait_for_load_state("networkidle")
+    _wait_for_mathjax(page)
+    page.evaluate(_BROKEN_IMAGES)
+    return context, page
+
+
+def _uses_key_takeaways(docname: str) -> bool:
+    return any("Key takeaways" in "".join(c["source"]) for c in _notebook(docname)["cells"])
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.parametrize("width", [DESKTOP, PHONE])
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_reading_experience(name: str, width: int, browser, server, site: Build):
+    """Figures readable in the text column with numbered captions and alt text, code that fits
+    its box, checks and solutions folded away, no warnings, no sideways scrolling on a phone,
+    a key-takeaways box; a full-page screenshot at each width."""
+    context, page = open_at(browser, server, name, width)
+    try:
+        reading = read_page(page, site.html, name, width)
+        if not reading.raw["takeaways"]:
+            reading.problems.append("no key-takeaways box")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shot = SCREENSHOTS / f"{name.replace('/', '_')}-{width}.png"
+        page.screenshot(path=str(shot), full_page=True)
+    finally:
+        context.close()
+    print(json.dumps(reading.summary()))
+    assert not reading.problems, (
+        f"{name} at {width} px: {len(reading.problems)} problems\n" + "\n".join(reading.problems)
+    )

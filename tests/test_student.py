@@ -140,9 +140,38 @@ def test_withholds_directives_of_every_fence_and_keeps_labels():
     assert result.count(WITHHELD) == 2
 
 
-def test_refuses_gated_and_unclosed_solutions():
-    with pytest.raises(ValueError, match="gated"):
-        withhold_solution_directives("```{solution-start} ex-1-1\n```\ntext\n```{solution-end}")
+def test_withholds_gated_solutions_across_cells():
+    cells = [
+        _cell("markdown", "```{exercise} E\n:label: ex-1-1\n\nDo it.\n```"),
+        _cell(
+            "markdown",
+            "````{solution-start} ex-1-1\n:label: sol-1-1\n:class: dropdown\n\n"
+            "The secret idea.\n````",
+        ),
+        _cell(
+            "code",
+            "def f():\n    ### BEGIN SOLUTION\n    return 42\n    ### END SOLUTION",
+            tags=["solution"],
+            nbgrader={"grade_id": "ex-1-1-solution", "solution": True, "grade": False},
+        ),
+        _cell("markdown", "More secret words.\n\n```{solution-end}\n```\n\nPublic text."),
+        _cell("markdown", "Also public."),
+    ]
+    result = student_notebook({"cells": cells})
+    text = "\n".join(cell["source"] for cell in result["cells"])
+    for secret in ("secret idea", "return 42", "More secret"):
+        assert secret not in text
+    for kept in ("Do it.", ":label: sol-1-1", "{solution-end}", "Public text.", "Also public."):
+        assert kept in text
+    assert text.count(WITHHELD) == 2
+    demo = _cell("code", "print(42)")
+    with pytest.raises(ValueError, match="must be a solution cell"):
+        student_notebook({"cells": [*cells[:2], demo, *cells[3:]]})
+    with pytest.raises(ValueError, match="never closed by"):
+        student_notebook({"cells": cells[:3]})
+
+
+def test_refuses_unclosed_solutions():
     with pytest.raises(ValueError, match="never closed"):
         withhold_solution_directives("```{solution} ex-1-1\ntext")
     unclosed = {"cells": [_cell("code", "def f():\n    ### BEGIN SOLUTION\n    return 1")]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,12 @@ class ExerciseFailed(_CleanMessage, AssertionError):
     """The learner's function runs but gives a wrong answer; the message says where."""
 
 
+def exercise_title(label: str) -> str:
+    """How the book names exercise ``label``: ``"ex-2-1"`` is "Exercise 2.1"."""
+    match = re.fullmatch(r"ex-(\d+)-(\d+)", label)
+    return f"Exercise {match[1]}.{match[2]}" if match else f"Exercise {label}"
+
+
 def exercise_check(label: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Turn a plain checking function into an exercise check for exercise ``label``.
 
@@ -36,21 +43,22 @@ def exercise_check(label: str) -> Callable[[Callable[..., Any]], Callable[..., A
     def decorate(check: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(check)
         def run_check(solution: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+            title = f"{exercise_title(label)} ({label})"
             if not callable(solution):
-                raise TypeError(f"exercise {label}: expected your function, got {solution!r}")
+                raise TypeError(f"{title}: expected your function, got {solution!r}")
             name = getattr(solution, "__name__", "your function")
             try:
                 check(solution, *args, **kwargs)
             except NotImplementedError:
                 raise NotImplementedYet(
-                    f"exercise {label} is not implemented yet: replace the "
+                    f"{title} is not implemented yet: replace the "
                     f"`raise NotImplementedError` in `{name}` with your solution, then rerun."
                 ) from None
             except ExerciseFailed:
                 raise
             except AssertionError as err:
-                raise ExerciseFailed(f"exercise {label}: {err}") from None
-            print(f"Exercise {label}: all checks passed.")
+                raise ExerciseFailed(f"{title}: {err}") from None
+            print(f"{exercise_title(label)}: all checks passed.")
             return True
 
         return run_check

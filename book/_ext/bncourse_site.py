@@ -1,6 +1,6 @@
 """The bncourse book's own Sphinx extension (loaded through ``sphinx.local_extensions``).
 
-It does four things:
+It does these things:
 
 1. **Offline MathJax.** MathJax 3 is served from the site itself: the ``es5`` tree that the
    ``django-static-mathjax`` wheel ships (a plain Python package, ``mathjax``) is copied into the
@@ -8,8 +8,9 @@ It does four things:
    output, not into a source ``_static`` folder, because Jupyter Book would inject every script
    found there into every page.
 2. **The solution-free site.** With ``BNCOURSE_HIDE_SOLUTIONS=1`` in the environment, the build
-   hides every ``{solution}`` directive (sphinx-exercise's ``hide_solutions``), removes the code
-   cells tagged ``solution`` (so the search index holds no solution either), and publishes no
+   removes every solution, plain (``{solution}``) or gated (``{solution-start}`` ...
+   ``{solution-end}``, which holds the solution's code cell), and every code cell tagged
+   ``solution`` (so the search index holds no solution either), and publishes no
    way to the notebooks' sources: no ``_sources`` (deleted when an earlier build left it), no
    download button, no launch, repository or issue buttons (they lead to the notebooks with
    their solutions)::
@@ -17,13 +18,17 @@ It does four things:
        BNCOURSE_HIDE_SOLUTIONS=1 jupyter-book build . -W -n --keep-going --all
 
    The notebooks do not run again when the execution cache of an earlier build is there.
+   sphinx-exercise's own ``hide_solutions`` is not used: it breaks gated solutions.
 
 3. **The exercise table** of the instructors' page: the ``{bncourse-exercises}`` directive lists,
    chapter by chapter in the order of the table of contents, every exercise of the chapter
    notebooks with its kind (conceptual or coding), its nbgrader points and an estimated time.
    The estimate is the one the exercise's text gives, as in ``*(about 15 minutes)*``, otherwise
    :data:`DEFAULT_MINUTES` for the exercise's kind.
-4. **No CDN script.** sphinx-thebe (which Jupyter Book always loads) puts the address of thebe on
+4. **The reading experience** (CONTRIBUTING.md): the book's style sheet
+   ``book/_static/bncourse.css`` (figures, phones, check cells, solution titles), and code cells
+   shown without nbgrader's ``### BEGIN SOLUTION`` / ``### END SOLUTION`` lines.
+5. **No CDN script.** sphinx-thebe (which Jupyter Book always loads) puts the address of thebe on
    unpkg.com into every page, twice; this book does not use thebe (live code in the page), so its
    scripts are left out of the pages, and any script left is loaded once.
 """
@@ -55,6 +60,9 @@ MATHJAX_ENTRY = "tex-mml-chtml.js"
 # accessibility tools (which need the speech-rule engine).
 MATHJAX_PARTS = [MATHJAX_ENTRY, "input", "output/chtml", "output/chtml.js", "a11y", "ui", "sre"]
 DEFAULT_MINUTES = {"conceptual": 10, "coding": 20}
+STATIC_DIR = Path(__file__).resolve().parent.parent / "_static"  # book/_static
+STYLESHEET = "bncourse.css"
+_GRADER_MARKER = re.compile(r"^[ \t]*#+[ \t]*(BEGIN|END) (SOLUTION|HIDDEN TESTS)[ \t]*$")
 
 
 def hide_solutions_requested() -> bool:
@@ -100,10 +108,12 @@ def copy_mathjax(app: Sphinx, exception: Exception | None) -> None:
 def configure(app: Sphinx, config: Config) -> None:
     _mathjax_source()  # fail early, with the fix, when MathJax is not installed
     config.mathjax_path = f"{MATHJAX_DIR}/{MATHJAX_ENTRY}"  # relative to _static/
+    if str(STATIC_DIR) not in config.html_static_path:
+        config.html_static_path = [*config.html_static_path, str(STATIC_DIR)]
     if not hide_solutions_requested():
         return
     logger.info("[bncourse] %s is set: building the solution-free site", HIDE_SOLUTIONS_VARIABLE)
-    config.hide_solutions = True
+    config.bncourse_hide_solutions = True
     config.html_copy_source = False
     config.html_show_sourcelink = False
     options = dict(config.html_theme_options)
@@ -124,7 +134,7 @@ def remove_published_sources(app: Sphinx) -> None:
     Sphinx never deletes files from its output folder, so building the solution-free site over
     a full build (``_build/html``) would still publish ``_sources/`` with every notebook.
     """
-    if not app.config.hide_solutions:
+    if not app.config.bncourse_hide_solutions:
         return
     outdir = Path(app.outdir)
     if (outdir / "_sources").is_dir():
@@ -135,10 +145,16 @@ def remove_published_sources(app: Sphinx) -> None:
 
 
 def remove_solution_cells(app: Sphinx, doctree: nodes.document) -> None:
-    """In the solution-free site, drop every notebook cell tagged ``solution``, and the output of
-    every autograded test cell (an "all checks passed" under a solution that is not shown)."""
-    if not app.config.hide_solutions:
+    """In the solution-free site, drop every solution (plain or gated, with the code cells a
+    gated one holds), every notebook cell tagged ``solution``, and the output of every
+    autograded test cell (an "all checks passed" under a solution that is not shown)."""
+    if not app.config.bncourse_hide_solutions:
         return
+    from sphinx_exercise.nodes import solution_end_node, solution_node, solution_start_node
+
+    for kind in (solution_node, solution_start_node, solution_end_node):
+        for node in list(doctree.findall(kind)):
+            node.parent.remove(node)
     for cell in list(doctree.findall(nodes.container)):
         if cell.get("nb_element") != "cell_code":
             continue
@@ -149,6 +165,27 @@ def remove_solution_cells(app: Sphinx, doctree: nodes.document) -> None:
             for output in list(cell.findall(nodes.container)):
                 if output.get("nb_element") == "cell_code_output" and output.parent is cell:
                     cell.remove(output)
+
+
+def without_grader_markers(code: str) -> str:
+    """``code`` without nbgrader's marker lines (``### BEGIN SOLUTION`` and the like)."""
+    return "\n".join(line for line in code.split("\n") if not _GRADER_MARKER.match(line))
+
+
+def hide_grader_markers(app: Sphinx, doctree: nodes.document) -> None:
+    """Show the code of every notebook cell without nbgrader's marker lines (the notebook
+    keeps them: nbgrader and the student edition need them)."""
+    for cell in doctree.findall(nodes.container):
+        if cell.get("nb_element") != "cell_code":
+            continue
+        for block in list(cell.findall(nodes.literal_block)):
+            code = block.astext()
+            if not _GRADER_MARKER.search(code) and "SOLUTION" not in code:
+                continue
+            cleaned = without_grader_markers(code)
+            if cleaned != code:
+                replacement = nodes.literal_block(cleaned, cleaned, **block.attributes)
+                block.replace_self(replacement)
 
 
 def _thebe_enabled(config: Config) -> bool:
@@ -353,9 +390,12 @@ class ExerciseTable(SphinxDirective):
 
 
 def setup(app: Sphinx) -> dict:
+    app.add_config_value("bncourse_hide_solutions", False, "env")
+    app.add_css_file(STYLESHEET)
     app.connect("config-inited", configure)
     app.connect("builder-inited", remove_published_sources)
     app.connect("doctree-read", remove_solution_cells)
+    app.connect("doctree-read", hide_grader_markers)
     app.connect("build-finished", copy_mathjax)
     app.connect("html-page-context", clean_scripts, priority=900)
     app.add_directive("bncourse-exercises", ExerciseTable)
