@@ -13,13 +13,13 @@
 * :func:`train_cnn` / :func:`learning_rate_sweep`: the small CNN of :func:`bncourse.models.make_cnn`
   on the digits, with and without BN; :func:`initial_signal_scale`: how the signal shrinks
   through the untrained network without BN.
-* :func:`fold_cnn`: fold every conv + BN pair of a trained CNN for inference.
+* :func:`folding_experiment`: fold every conv + BN pair of a trained CNN for inference
+  (:func:`bncourse.inference.fold_batch_norms`) and compare the logits.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +28,9 @@ from torch import nn
 
 from bncourse import numpy_bn
 from bncourse.data import Dataset, load_digits
+from bncourse.inference import batch_norm_modules, fold_batch_norms
 from bncourse.models import CNN, make_cnn
-from bncourse.torch_bn import BatchNorm2d, fold_batch_norm
+from bncourse.torch_bn import BatchNorm2d
 from bncourse.training import TrainingHistory, train
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "statistics_noise_experiment",
     "train_cnn",
     "learning_rate_sweep",
+    "conv_weight_norms",
+    "weight_norm_growth",
     "SignalScale",
     "initial_signal_scale",
     "fold_cnn",
@@ -486,6 +489,46 @@ def learning_rate_sweep(
     return results
 
 
+def conv_weight_norms(model: CNN) -> np.ndarray:
+    """Frobenius norm of each block's convolution weight, first block first, shape (blocks,)."""
+    return np.array([float(block.conv.weight.detach().norm()) for block in model.blocks])
+
+
+def weight_norm_growth(
+    lrs: tuple[float, ...] = (0.01, 0.1, 1.0),
+    norm: str | None = "bn",
+    seed: int = 0,
+    steps: int = 200,
+    **train_kwargs,
+) -> dict[float, np.ndarray]:
+    """How much each block's convolution weights grow in training, per learning rate.
+
+    Trains :func:`train_cnn` once per learning rate (``train_kwargs`` go to it) and compares the
+    weight norms with those of the same seeded initial network. Behind a BN layer the output does
+    not depend on the scale of the weights, so a step of size ``lr`` changes it as a step of
+    ``lr / ||W||^2`` would at unit norm: a growth factor ``g`` divides the effective learning
+    rate by ``g ** 2``.
+
+    Returns
+    -------
+    dict of lr to np.ndarray, shape (blocks,)
+        ``||W_final|| / ||W_initial||`` of each block's convolution, first block first.
+    """
+    data = train_kwargs.pop("data", None) or load_digits(flatten=False)
+    growth = {}
+    for lr in lrs:
+        model, _ = train_cnn(norm=norm, lr=lr, steps=steps, seed=seed, data=data, **train_kwargs)
+        initial = make_cnn(
+            data.num_classes,
+            channels=train_kwargs.get("channels", (16, 32, 64)),
+            norm=norm,
+            input_shape=tuple(data.x_train.shape[1:]),
+            seed=seed,
+        )
+        growth[lr] = conv_weight_norms(model) / conv_weight_norms(initial)
+    return growth
+
+
 @dataclass
 class SignalScale:
     """Spread of the signal through a freshly initialised CNN (see :func:`initial_signal_scale`).
@@ -538,19 +581,13 @@ def initial_signal_scale(
 
 
 def fold_cnn(model: CNN) -> CNN:
-    """A copy of ``model`` in evaluation mode with every conv + BN pair folded into one conv.
+    """Kept for chapter 5's notebook: the same as :func:`bncourse.inference.fold_batch_norms`.
 
-    Each block's ``conv`` becomes :func:`bncourse.torch_bn.fold_batch_norm` ``(conv, norm)``
-    (weights scaled per output channel, a new bias) and its ``norm`` becomes None. ``model`` is
-    not modified. In evaluation mode ``fold_cnn(model)(x)`` equals ``model(x)`` up to rounding.
+    A copy of ``model`` in evaluation mode with every conv + BN pair folded into one conv: each
+    block's ``conv`` becomes :func:`bncourse.inference.fold_batch_norm` ``(conv, norm)`` and its
+    ``norm`` an ``nn.Identity``. ``model`` is not modified.
     """
-    folded = copy.deepcopy(model)
-    for block in folded.blocks:
-        if block.norm is not None:
-            block.conv = fold_batch_norm(block.conv, block.norm)
-            block.norm = None
-    folded.norm_name = None
-    return folded.eval()
+    return fold_batch_norms(model)
 
 
 @dataclass
@@ -581,12 +618,6 @@ class FoldingResult:
     modules_after: int
 
 
-def _count_batch_norms(model: nn.Module) -> int:
-    return sum(
-        isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchNorm2d)) for m in model.modules()
-    )
-
-
 @contextlib.contextmanager
 def _full_float32():
     """Turn off TF32 on CUDA (a 10-bit mantissa in convolutions and matrix products) for a block,
@@ -602,7 +633,7 @@ def _full_float32():
 
 @torch.no_grad()
 def folding_experiment(model: CNN, data: Dataset | None = None) -> FoldingResult:
-    """Fold a trained BN model with :func:`fold_cnn` and compare the two on the test split.
+    """Fold a trained BN model (:func:`~bncourse.inference.fold_batch_norms`), compare on test.
 
     Both models run in float32 with TF32 turned off on CUDA, so that the comparison shows the
     rounding of float32, not the reduced precision of TF32 arithmetic.
@@ -611,7 +642,7 @@ def folding_experiment(model: CNN, data: Dataset | None = None) -> FoldingResult
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    folded = fold_cnn(model)
+    folded = fold_batch_norms(model)
     x = torch.as_tensor(data.x_test, device=device)
     y = torch.as_tensor(data.y_test, device=device)
     with _full_float32():
@@ -623,6 +654,6 @@ def folding_experiment(model: CNN, data: Dataset | None = None) -> FoldingResult
         predictions_agree=float((logits.argmax(1) == folded_logits.argmax(1)).float().mean()),
         accuracy=float((logits.argmax(1) == y).float().mean()),
         folded_accuracy=float((folded_logits.argmax(1) == y).float().mean()),
-        modules_before=_count_batch_norms(model),
-        modules_after=_count_batch_norms(folded),
+        modules_before=len(batch_norm_modules(model)),
+        modules_after=len(batch_norm_modules(folded)),
     )
