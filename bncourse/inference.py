@@ -13,7 +13,9 @@ examples it is processed with. This module holds the reusable pieces of chapter 
   (a cumulative average), for ``torch.nn`` and :mod:`bncourse.torch_bn` layers alike.
 * :func:`inference_affine`: the per-channel affine map ``y = scale * x + shift`` an
   evaluation-mode batch norm computes; :func:`fold_batch_norms` folds every batch norm of a model
-  into the linear or convolution layer before it (:func:`bncourse.torch_bn.fold_batch_norm`).
+  into the linear or convolution layer before it (:func:`fold_batch_norm` folds one pair:
+  ``nn.Linear``/``Conv1d/2d/3d`` with ``BatchNorm1d/2d/3d`` of ``torch.nn`` or
+  :mod:`bncourse.torch_bn`).
 * :func:`time_inference`: robust timings (median of interleaved repeats) of several models on the
   same input.
 """
@@ -41,6 +43,7 @@ __all__ = [
     "batch_norm_modules",
     "recompute_population_statistics",
     "inference_affine",
+    "fold_batch_norm",
     "fold_batch_norms",
     "time_inference",
 ]
@@ -286,21 +289,24 @@ def recompute_population_statistics(model: nn.Module, batches: Iterable[Any]) ->
 
 
 @torch.no_grad()
-def inference_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+def inference_affine(bn: nn.Module, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """The per-channel affine map ``y = scale * x + shift`` of an evaluation-mode batch norm.
 
     ``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale``
-    (``gamma = 1``, ``beta = 0`` without affine parameters).
+    (``gamma = 1``, ``beta = 0`` without affine parameters). This is the one place the package
+    computes them: :func:`fold_batch_norm` folds exactly this map into the layer before.
 
     Parameters
     ----------
     bn : BatchNorm1d/2d/3d of ``torch.nn`` or :mod:`bncourse.torch_bn`
         With running statistics.
+    dtype : torch.dtype, optional
+        Compute (and return) in this dtype; default the dtype of the running statistics.
 
     Returns
     -------
     scale, shift : Tensor, shape (C,)
-        In the dtype and on the device of the running statistics.
+        On the device of the running statistics.
     """
     if not is_batch_norm(bn):
         raise TypeError(f"inference_affine: expected a batch-norm module, got {type(bn).__name__}")
@@ -309,16 +315,88 @@ def inference_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
             "inference_affine: bn has no running statistics (track_running_stats=False), so "
             "evaluation uses batch statistics and is not a fixed affine map"
         )
-    scale = torch.rsqrt(bn.running_var + bn.eps)
+    dtype = bn.running_var.dtype if dtype is None else dtype
+    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.to(scale.dtype)
-    shift = -bn.running_mean * scale
+        scale = scale * bn.weight.to(dtype)
+    shift = -bn.running_mean.to(dtype) * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.to(scale.dtype)
+        shift = shift + bn.bias.to(dtype)
     return scale, shift
 
 
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@torch.no_grad()
+def fold_batch_norm(
+    layer: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d, bn: nn.Module
+) -> nn.Module:
+    """Merge an evaluation-mode batch norm into the linear or convolution layer before it.
+
+    In evaluation mode batch norm is the per-channel affine map ``y = z * s + t`` of
+    :func:`inference_affine`. Applied after ``z = W x + b`` it gives ``(s * W) x + (s * b + t)``:
+    the same layer type with every output channel's weights scaled by ``s`` and a new bias
+    ``s * b + t``. The map is computed in float64 (float32 on MPS) and rounded once at the end.
+
+    Parameters
+    ----------
+    layer : nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d
+        Weight of shape (C_out, ...), bias (C_out,) or None. Any stride, padding, dilation,
+        groups or padding mode. For ``nn.Linear`` the identity holds for 2-D input
+        (N, features), where the batch-norm channel is the output feature.
+    bn : BatchNorm1d/2d/3d of ``torch.nn`` or :mod:`bncourse.torch_bn`
+        With ``num_features == C_out`` and running statistics; ``affine=False`` is fine. Its
+        mode does not matter: the running statistics are used.
+
+    Returns
+    -------
+    nn.Module
+        A new layer of the same type (a deep copy of ``layer`` with new ``weight`` and ``bias``
+        parameters, in the dtype and on the device of ``layer``) such that, in evaluation mode,
+        ``folded(x) == bn(layer(x))`` up to rounding. ``layer`` and ``bn`` are not modified.
+
+    Raises
+    ------
+    TypeError
+        ``layer`` is not one of the supported types or ``bn`` is not a batch-norm module.
+    ValueError
+        ``bn`` has no running statistics or the channel counts differ.
+    """
+    if not isinstance(layer, _FOLDABLE):
+        raise TypeError(
+            "fold_batch_norm: layer must be nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d, got "
+            f"{type(layer).__name__}"
+        )
+    if not is_batch_norm(bn):
+        raise TypeError(
+            "fold_batch_norm: bn must be a BatchNorm1d/2d/3d module (bncourse.torch_bn or "
+            f"torch.nn), got {type(bn).__name__}"
+        )
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            "fold_batch_norm: bn has no running statistics (it was built with "
+            "track_running_stats=False and normalises with batch statistics even in "
+            "evaluation), so it is not a fixed affine map and cannot be folded"
+        )
+    out_channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if bn.running_mean.numel() != out_channels:
+        raise ValueError(
+            f"fold_batch_norm: layer has {out_channels} output channels but bn has "
+            f"{bn.running_mean.numel()} features (num_features={bn.num_features})"
+        )
+    weight = layer.weight.detach()
+    work = torch.float32 if weight.device.type == "mps" else torch.float64
+    scale, shift = inference_affine(bn, dtype=work)
+    scale, shift = scale.to(weight.device), shift.to(weight.device)
+    bias = torch.zeros_like(scale) if layer.bias is None else layer.bias.detach().to(work)
+    folded = copy.deepcopy(layer)
+    bias_dtype = weight.dtype if layer.bias is None else layer.bias.dtype
+    grad = layer.weight.requires_grad
+    scaled = weight.to(work) * scale.view([-1] + [1] * (weight.dim() - 1))
+    folded.weight = nn.Parameter(scaled.to(weight.dtype), requires_grad=grad)
+    folded.bias = nn.Parameter((bias * scale + shift).to(bias_dtype), requires_grad=grad)
+    return folded
 
 
 def _fold_children(module: nn.Module) -> None:
@@ -327,7 +405,7 @@ def _fold_children(module: nn.Module) -> None:
     for first, second in zip(names, names[1:], strict=False):
         layer, bn = module._modules[first], module._modules[second]
         if isinstance(layer, _FOLDABLE) and is_batch_norm(bn):
-            module._modules[first] = torch_bn.fold_batch_norm(layer, bn)
+            module._modules[first] = fold_batch_norm(layer, bn)
             module._modules[second] = nn.Identity()
     for child in module.children():
         _fold_children(child)
@@ -339,7 +417,7 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     A batch norm is folded when it directly follows an ``nn.Linear`` or ``nn.Conv1d/2d/3d``
     among the registered children of one module, in registration order, as in an
     ``nn.Sequential`` or in :class:`bncourse.models.HiddenBlock` (``linear`` then ``norm``):
-    the layer is replaced by :func:`bncourse.torch_bn.fold_batch_norm` of the pair and the batch
+    the layer is replaced by :func:`fold_batch_norm` of the pair and the batch
     norm by ``nn.Identity``. The caller must make sure that the registration order is the order
     of the computation; the result is checked by comparing outputs, as the book does.
 

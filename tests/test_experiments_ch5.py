@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from bncourse import numpy_bn
 from bncourse.data import load_digits
@@ -93,7 +94,8 @@ def test_fold_cnn_matches_in_eval(digits):
             model(torch.as_tensor(digits.x_train[:100]))
     folded = ch5.fold_cnn(model)
     assert model.training and not folded.training
-    assert all(block.norm is None and block.conv.bias is not None for block in folded.blocks)
+    assert all(isinstance(block.norm, nn.Identity) for block in folded.blocks)
+    assert all(block.conv.bias is not None for block in folded.blocks)
     result = ch5.folding_experiment(model, digits)
     assert result.modules_before == 3 and result.modules_after == 0
     assert result.largest_logit_difference < 1e-4 * max(1.0, result.largest_logit)

@@ -302,6 +302,71 @@ def test_fold_batch_norms_on_a_sequential_cnn():
         torch.testing.assert_close(folded(x), model.eval()(x), atol=1e-5, rtol=1e-5)
 
 
+LAYERS_AND_NORMS = {
+    "linear": (lambda bias: nn.Linear(6, 4, bias=bias), (5, 6), "BatchNorm1d"),
+    "conv1d": (lambda bias: nn.Conv1d(3, 4, 3, bias=bias), (5, 3, 9), "BatchNorm1d"),
+    "conv2d": (lambda bias: nn.Conv2d(3, 4, 3, stride=2, bias=bias), (5, 3, 9, 9), "BatchNorm2d"),
+    "conv3d": (
+        lambda bias: nn.Conv3d(3, 4, 2, groups=1, bias=bias),
+        (5, 3, 4, 4, 4),
+        "BatchNorm3d",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS_AND_NORMS))
+@pytest.mark.parametrize("bn_module", [nn, torch_bn], ids=["torch.nn", "bncourse"])
+@pytest.mark.parametrize("bias, affine", [(True, True), (False, False)])
+def test_fold_batch_norm_every_layer_and_dimension(kind, bn_module, bias, affine):
+    torch.manual_seed(1)
+    make_layer, shape, norm_name = LAYERS_AND_NORMS[kind]
+    layer = make_layer(bias).double()
+    bn = getattr(bn_module, norm_name)(4, affine=affine).double()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.2, 3.0)
+        if affine:
+            bn.weight.normal_()
+            bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    folded = inference.fold_batch_norm(layer, bn)
+    assert type(folded) is type(layer) and folded.bias is not None
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), bn(layer(x)), rtol=1e-12, atol=1e-12)
+    scale, shift = inference.inference_affine(bn)  # the same map, from one place
+    column = [-1] + [1] * (layer.weight.dim() - 1)
+    torch.testing.assert_close(folded.weight, layer.weight * scale.view(column))
+    # folding a whole model finds the same pair in an nn.Sequential
+    model = inference.fold_batch_norms(nn.Sequential(layer, bn))
+    assert not inference.batch_norm_modules(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), bn(layer(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_fold_batch_norm_keeps_float32_and_rejects_what_it_cannot_fold():
+    layer, bn = nn.Linear(3, 2), nn.BatchNorm1d(2)
+    folded = inference.fold_batch_norm(layer, bn)
+    assert folded.weight.dtype == folded.bias.dtype == torch.float32
+    with pytest.raises(TypeError, match="layer must be nn.Linear"):
+        inference.fold_batch_norm(nn.ReLU(), bn)
+    with pytest.raises(TypeError, match="bn must be a BatchNorm"):
+        inference.fold_batch_norm(layer, nn.LayerNorm(2))
+    with pytest.raises(ValueError, match="no running statistics"):
+        inference.fold_batch_norm(layer, nn.BatchNorm1d(2, track_running_stats=False))
+    with pytest.raises(ValueError, match="2 output channels but bn has 3"):
+        inference.fold_batch_norm(layer, nn.BatchNorm1d(3))
+
+
+def test_inference_affine_in_a_chosen_dtype():
+    bn = nn.BatchNorm1d(3).eval()
+    with torch.no_grad():
+        bn.running_var.fill_(3.0)
+    scale, shift = inference.inference_affine(bn, dtype=torch.float64)
+    assert scale.dtype == shift.dtype == torch.float64
+    torch.testing.assert_close(scale, torch.full((3,), 3.0 + 1e-5, dtype=torch.float64).rsqrt())
+
+
 def test_fold_batch_norms_leaves_a_lone_batch_norm():
     model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2))
     folded = inference.fold_batch_norms(model)
