@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bncourse.data import BatchSampler, Dataset
+from bncourse.utils import torch_threads
 
 __all__ = ["ActivationRecord", "TrainingHistory", "train", "evaluate", "OPTIMIZERS"]
 
@@ -191,6 +192,16 @@ def evaluate(
     return float(total_loss) / n, int(correct) / n
 
 
+def _training_mode(model: nn.Module, freeze_batch_norm: bool) -> None:
+    """Training mode, with every batch norm in evaluation mode when ``freeze_batch_norm``."""
+    model.train()
+    if freeze_batch_norm:
+        from bncourse.inference import batch_norm_modules
+
+        for bn in batch_norm_modules(model):
+            bn.eval()
+
+
 def _make_optimizer(
     name: str, parameters: list[nn.Parameter], lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
@@ -344,6 +355,8 @@ def train(
     record_units: Sequence[int] | None = None,
     cpu_threads: int | None = 1,
     callback: Callable[[int, nn.Module, torch.Tensor, torch.Tensor], object] | None = None,
+    preactivation_callback: Callable[[int, list[torch.Tensor]], object] | None = None,
+    freeze_batch_norm: bool = False,
 ) -> TrainingHistory:
     """Train a classifier with mini-batch SGD (or Adam) on cross-entropy, recording its progress.
 
@@ -404,6 +417,15 @@ def train(
         in training mode. Its return value is ignored. Use it to record statistics the
         history does not hold (the update's gradients are still in ``.grad``, BN buffers,
         weights).
+    preactivation_callback : callable, optional
+        With ``record_every > 0``, called at every recorded step as
+        ``callback(step, preactivations)`` with the inputs of the hidden nonlinearities of that
+        step's training forward pass (a list of tensors (B, units) or (B, C, H, W), before the
+        update, still attached to the graph: detach what you keep).
+    freeze_batch_norm : bool, default False
+        Keep every batch-norm layer in evaluation mode while the rest trains: the layers
+        normalise with their running statistics and do not update them (their ``weight`` and
+        ``bias`` still learn). For fine-tuning with fixed statistics.
 
     Returns
     -------
@@ -426,6 +448,8 @@ def train(
         raise ValueError(f"record_every must be >= 0 (0: no recording), got {record_every}")
     if cpu_threads is not None and cpu_threads < 1:
         raise ValueError(f"cpu_threads must be a positive int or None, got {cpu_threads}")
+    if preactivation_callback is not None and record_every == 0:
+        raise ValueError("preactivation_callback needs record_every > 0")
     if record_every > 0 and not hasattr(model, "forward_with_preactivations"):
         raise TypeError(
             "record_every > 0 needs a model with forward_with_preactivations(x) -> (logits, "
@@ -451,7 +475,7 @@ def train(
     torch.manual_seed(seed)
     sampler = BatchSampler(data.num_train, batch_size, seed=seed)
     model.to(device)
-    model.train()
+    _training_mode(model, freeze_batch_norm)
     optim = _make_optimizer(optimizer, list(model.parameters()), lr, momentum, weight_decay)
     x_train, y_train, x_test, y_test = data.tensors(device)
 
@@ -465,14 +489,12 @@ def train(
 
     def evaluate_now(step: int) -> None:
         loss, accuracy = evaluate(model, x_test, y_test)
+        _training_mode(model, freeze_batch_norm)
         eval_steps.append(step)
         test_loss.append(loss)
         test_accuracy.append(accuracy)
 
-    previous_threads = torch.get_num_threads()
-    if device.type == "cpu" and cpu_threads is not None:
-        torch.set_num_threads(cpu_threads)
-    try:
+    with torch_threads(cpu_threads, device):
         start_time = time.perf_counter()
         evaluate_now(0)
         batches = iter(sampler)
@@ -482,6 +504,8 @@ def train(
             if record_every > 0 and step % record_every == 0:
                 logits, preactivations = model.forward_with_preactivations(inputs)
                 recorder.record(step, preactivations)
+                if preactivation_callback is not None:
+                    preactivation_callback(step, preactivations)
             else:
                 logits = model(inputs)
             loss = F.cross_entropy(logits, labels)
@@ -497,8 +521,6 @@ def train(
             if done == steps or (eval_every > 0 and done % eval_every == 0):
                 evaluate_now(done)
         wall_time = time.perf_counter() - start_time
-    finally:
-        torch.set_num_threads(previous_threads)
 
     return TrainingHistory(
         train_steps=np.arange(steps, dtype=np.int64),

@@ -315,3 +315,37 @@ def test_callback_sees_every_update_with_its_batch(data):
     sampler = iter(BatchSampler(data.num_train, 10, seed=0))
     for _, labels in seen:
         np.testing.assert_array_equal(labels.numpy(), np.asarray(data.y_train)[next(sampler)])
+
+
+def test_preactivation_callback_sees_the_recorded_forward_passes(data):
+    seen = {}
+
+    def record(step, preactivations):
+        seen[step] = [z.detach().clone() for z in preactivations]
+
+    history = train(_mlp("bn"), data, steps=25, record_every=10, device="cpu",
+                    preactivation_callback=record)  # fmt: skip
+    assert sorted(seen) == [0, 10, 20]
+    for row, step in enumerate(history.activations[0].steps):
+        z = seen[int(step)][0]
+        np.testing.assert_allclose(history.activations[0].mean[row], z.mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="record_every > 0"):
+        train(_mlp(), data, steps=2, preactivation_callback=record, device="cpu")
+
+
+def test_freeze_batch_norm_keeps_statistics_and_trains_the_rest(data):
+    model = _mlp("bn")
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    before = [bn.running_mean.clone() for bn in norms]
+    linear_before = model.state_dict()[next(k for k in model.state_dict() if "weight" in k)]
+    linear_before = linear_before.clone()
+    modes = []
+    train(model, data, steps=30, eval_every=10, lr=0.5, device="cpu", freeze_batch_norm=True,
+          callback=lambda *args: modes.append([bn.training for bn in norms]))  # fmt: skip
+    assert modes and not any(any(step) for step in modes)  # frozen, also after evaluations
+    for bn, mean in zip(norms, before, strict=True):
+        torch.testing.assert_close(bn.running_mean, mean, rtol=0, atol=0)
+        assert int(bn.num_batches_tracked) == 0
+    assert any(bn.weight.grad is not None for bn in norms)
+    first_weight = model.state_dict()[next(k for k in model.state_dict() if "weight" in k)]
+    assert not torch.equal(first_weight, linear_before)

@@ -2,7 +2,8 @@
 
 Each function computes and returns plain data (arrays, dataclasses); the notebook plots them.
 
-* :func:`finite_difference_gradient`: central differences of a scalar function of an array.
+* :func:`finite_difference_gradient` (from :mod:`bncourse.utils`): central differences of a
+  scalar function of an array.
 * :func:`whitening_estimation_error`: how well a mini-batch estimates BN's per-unit scales and
   a full whitening matrix, against batch size.
 * :func:`whitening_flops`, :func:`time_whitening_and_batch_norm`: the cost of the two.
@@ -18,7 +19,7 @@ Each function computes and returns plain data (arrays, dataclasses); the noteboo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,7 @@ from bncourse import numpy_bn
 from bncourse.data import BatchSampler, Dataset, load_digits
 from bncourse.models import make_mlp
 from bncourse.training import train
+from bncourse.utils import finite_difference_gradient
 
 __all__ = [
     "finite_difference_gradient",
@@ -49,46 +51,6 @@ __all__ = [
     "BatchNoise",
     "batch_noise",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Gradient checking
-# ---------------------------------------------------------------------------------------------
-
-
-def finite_difference_gradient(
-    f: Callable[[np.ndarray], float], x: np.ndarray, h: float = 1e-6
-) -> np.ndarray:
-    """Central-difference gradient of a scalar function ``f`` at ``x``.
-
-    Each entry is ``(f(x + h e_i) - f(x - h e_i)) / (2 h)``, with an error of order ``h**2``;
-    use float64 inputs. Costs ``2 * x.size`` evaluations of ``f``.
-
-    Parameters
-    ----------
-    f : callable
-        Maps an array of the shape of ``x`` to a float.
-    x : np.ndarray, float64, any shape
-        Where to differentiate (not modified).
-    h : float, default 1e-6
-        Step size.
-
-    Returns
-    -------
-    np.ndarray, float64, shape of ``x``
-    """
-    x = np.array(x, dtype=np.float64)
-    grad = np.empty_like(x)
-    flat, grad_flat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        saved = flat[i]
-        flat[i] = saved + h
-        upper = f(x)
-        flat[i] = saved - h
-        lower = f(x)
-        flat[i] = saved
-        grad_flat[i] = (upper - lower) / (2.0 * h)
-    return grad
 
 
 # ---------------------------------------------------------------------------------------------

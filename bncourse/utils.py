@@ -1,0 +1,111 @@
+"""Small helpers that the rest of the package shares, each with one home.
+
+* :func:`torch_threads`: run a block with a given number of PyTorch CPU threads, restored after.
+* :func:`accuracy`: the fraction of correct predictions of a batch of logits.
+* :func:`finite_difference_gradient`: the central-difference gradient of a scalar function,
+  to check hand-derived backward passes.
+
+The device the book runs on is :func:`bncourse.get_device` (``get_device(device)`` also turns a
+device string or ``None`` into a ``torch.device``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["torch_threads", "accuracy", "finite_difference_gradient"]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None, device: torch.device | str | None = None) -> Iterator[None]:
+    """Run the ``with`` block with ``torch.set_num_threads(threads)``, restoring it afterwards.
+
+    One thread is the fastest for the book's small models, and it avoids the large slow-down of
+    several intra-op threads on cores shared with other processes.
+
+    Parameters
+    ----------
+    threads : int or None
+        Threads for the block; None leaves the setting as it is.
+    device : torch.device or str, optional
+        When given and not a CPU device, the setting is left as it is (it only matters on the
+        CPU).
+
+    Raises
+    ------
+    ValueError
+        ``threads`` is not a positive integer or None.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be a positive int or None, got {threads}")
+    previous = torch.get_num_threads()
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if threads is not None and on_cpu:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.no_grad()
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of the rows of ``logits`` whose largest entry is at the row's label.
+
+    Parameters
+    ----------
+    logits : Tensor, shape (N, num_classes)
+    labels : Tensor, int, shape (N,)
+        Moved to the device of ``logits``.
+
+    Returns
+    -------
+    float
+        In [0, 1]: the number of correct rows over N, computed exactly.
+    """
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"accuracy: logits must be (N, num_classes) and labels (N,), got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    correct = (logits.argmax(dim=1) == labels.to(logits.device)).sum()
+    return int(correct) / len(labels)
+
+
+def finite_difference_gradient(
+    f: Callable[[np.ndarray], float], x: np.ndarray, h: float = 1e-6
+) -> np.ndarray:
+    """Central-difference gradient of a scalar function ``f`` at ``x``.
+
+    Each entry is ``(f(x + h e_i) - f(x - h e_i)) / (2 h)``, with an error of order ``h**2``;
+    use float64 inputs. Costs ``2 * x.size`` evaluations of ``f``.
+
+    Parameters
+    ----------
+    f : callable
+        Maps an array of the shape of ``x`` to a float.
+    x : np.ndarray, float64, any shape
+        Where to differentiate (not modified).
+    h : float, default 1e-6
+        Step size.
+
+    Returns
+    -------
+    np.ndarray, float64, shape of ``x``
+    """
+    x = np.array(x, dtype=np.float64)
+    grad = np.empty_like(x)
+    flat, grad_flat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + h
+        upper = f(x)
+        flat[i] = saved - h
+        lower = f(x)
+        flat[i] = saved
+        grad_flat[i] = (upper - lower) / (2.0 * h)
+    return grad

@@ -1,0 +1,54 @@
+"""Tests of bncourse.utils: thread control, accuracy, finite differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bncourse.utils import accuracy, finite_difference_gradient, torch_threads
+
+
+def test_torch_threads_sets_and_restores_even_on_error():
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    with torch_threads(target):
+        assert torch.get_num_threads() == target
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch_threads(target):
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+
+
+def test_torch_threads_leaves_the_setting_for_none_and_other_devices():
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    with torch_threads(target, device="cuda"):
+        assert torch.get_num_threads() == before
+    with torch_threads(target, device="cpu"):
+        assert torch.get_num_threads() == target
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        with torch_threads(0):
+            pass
+
+
+def test_accuracy_counts_correct_rows():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 5.0], [4.0, 0.0, 1.0]])
+    assert accuracy(logits, torch.tensor([0, 1, 2, 0])) == 1.0
+    assert accuracy(logits, torch.tensor([0, 1, 0, 1])) == 0.5
+    assert accuracy(logits[:3], torch.tensor([1, 0, 0])) == 0.0
+    with pytest.raises(ValueError, match="labels"):
+        accuracy(logits, torch.tensor([0, 1]))
+
+
+def test_finite_difference_gradient_of_known_functions():
+    x = np.array([[0.5, -1.0], [2.0, 3.0]])
+    grad = finite_difference_gradient(lambda v: float(np.sum(v**3)), x, h=1e-5)
+    np.testing.assert_allclose(grad, 3 * x**2, rtol=1e-8)
+    weights = np.array([[1.0, -2.0], [0.5, 4.0]])
+    grad = finite_difference_gradient(lambda v: float(np.sum(weights * np.sin(v))), x)
+    np.testing.assert_allclose(grad, weights * np.cos(x), rtol=1e-7, atol=1e-9)
+    np.testing.assert_array_equal(x, [[0.5, -1.0], [2.0, 3.0]])  # not modified
