@@ -59,39 +59,42 @@ class _Normalize(torch.autograd.Function):
     """``y = weight * (x - mean) / sqrt(var + eps) + bias`` over ``dims``, hand-derived backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dims, eps, center):
-        dtype = _compute_dtype(x.dtype)
-        xc = x.to(dtype)
+    def forward(ctx, input, weight, bias, dims, eps, center):
+        x = input.to(_compute_dtype(input.dtype))
         if center:
-            xc = xc - xc.mean(dim=dims, keepdim=True)
-        variance = (xc * xc).mean(dim=dims, keepdim=True)  # biased, or the mean square
-        inv_std = torch.rsqrt(variance + eps)
-        x_hat = xc * inv_std
-        y = x_hat if weight is None else x_hat * weight.to(dtype)
+            variance, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+            inv_std = torch.rsqrt(variance + eps)
+            x_hat = (x - mean) * inv_std
+        else:  # the mean square in place of the variance
+            inv_std = torch.rsqrt(x.square().mean(dim=dims, keepdim=True) + eps)
+            x_hat = x * inv_std
+        y = x_hat if weight is None else x_hat * weight
         if bias is not None:
-            y = y + bias.to(dtype)
+            y = y + bias
         ctx.save_for_backward(x_hat, inv_std, weight)
         ctx.dims, ctx.center = dims, center
         ctx.bias_shape = None if bias is None else bias.shape
-        return y.to(x.dtype)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.to(input.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x_hat, inv_std, weight = ctx.saved_tensors
         dims = ctx.dims
-        dy32 = dy.to(x_hat.dtype)
-        g = dy32 if weight is None else dy32 * weight.to(x_hat.dtype)
+        dy_out = dy.to(x_hat.dtype)
+        g = dy_out if weight is None else dy_out * weight
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
             # dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma; no mean(g) without centring
-            dx = g - x_hat * (g * x_hat).mean(dim=dims, keepdim=True)
+            projection = (g * x_hat).mean(dim=dims, keepdim=True)
+            dx = torch.addcmul(g, x_hat, projection, value=-1)
             if ctx.center:
-                dx = dx - g.mean(dim=dims, keepdim=True)
+                dx -= g.mean(dim=dims, keepdim=True)
             dx = (dx * inv_std).to(dy.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
-            dweight = _sum_to_shape(dy32 * x_hat, weight.shape).to(weight.dtype)
+            dweight = _sum_to_shape(dy_out * x_hat, weight.shape).to(weight.dtype)
         if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
-            dbias = _sum_to_shape(dy32, ctx.bias_shape).to(dy.dtype)
+            dbias = _sum_to_shape(dy_out, ctx.bias_shape).to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None
 
 
@@ -122,6 +125,9 @@ def normalize(
     Tensor, shape and dtype of ``input``
     """
     dims = (dims,) if isinstance(dims, int) else tuple(sorted(d % input.dim() for d in dims))
+    if input.numel() == 0:  # nothing to normalise: an empty output, still in the graph
+        output = input if weight is None else input * weight
+        return output if bias is None else output + bias
     if bias is not None and weight is None:
         # a shift alone: normalise, then add (autograd handles the addition)
         return _Normalize.apply(input, None, None, dims, float(eps), center) + bias
