@@ -122,8 +122,11 @@ class GhostBatchNorm(_VariantBase):
         if not use_batch:
             return self._evaluate(input)
         momentum = self._momentum_now()
+        size, batch = self.virtual_batch_size, input.shape[0]
+        if batch > 0 and batch % size == 0:
+            return self._equal_slices(input, momentum)
         outputs, means, variances = [], [], []
-        for chunk in torch.split(input, self.virtual_batch_size):
+        for chunk in torch.split(input, size):
             outputs.append(
                 F.batch_norm(chunk, None, None, self.weight, self.bias, True, 0.0, self.eps)
             )
@@ -139,6 +142,29 @@ class GhostBatchNorm(_VariantBase):
         if not outputs:  # an empty batch
             return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         return torch.cat(outputs)
+
+    def _equal_slices(self, input: Tensor, momentum: float) -> Tensor:
+        """All slices at once when they have equal sizes: a (slices, size, C, rest) view."""
+        size, channels = self.virtual_batch_size, input.shape[1]
+        x = input.reshape(input.shape[0] // size, size, channels, -1)
+        count = size * x.shape[3]
+        if count <= 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{(size, *input.shape[1:])} per ghost batch"
+            )
+        var, mean = torch.var_mean(x, dim=(1, 3), correction=0, keepdim=True)
+        output = ((x - mean) * torch.rsqrt(var + self.eps)).reshape(input.shape)
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                self._update_running(
+                    mean.mean(0).flatten(), (var * count / (count - 1)).mean(0).flatten(), momentum
+                )
+        if self.weight is not None:
+            output = output * _channel_view(self.weight, input)
+        if self.bias is not None:
+            output = output + _channel_view(self.bias, input)
+        return output
 
 
 class BatchRenorm(_VariantBase):
@@ -167,6 +193,10 @@ class BatchRenorm(_VariantBase):
     eps, momentum, affine, device, dtype
         As in :class:`torch.nn.BatchNorm1d` (running statistics are always tracked: they are
         part of the method).
+    virtual_batch_size : int, optional
+        If given, renormalise consecutive slices of this many examples separately (against the
+        same running statistics), as unsynchronised devices would; the running statistics are
+        updated once with the slices' average mean and unbiased variance.
     """
 
     def __init__(
@@ -179,17 +209,42 @@ class BatchRenorm(_VariantBase):
         affine: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        virtual_batch_size: int | None = None,
     ) -> None:
         if r_max < 1:
             raise ValueError(f"r_max must be >= 1, got {r_max}")
         if d_max < 0:
             raise ValueError(f"d_max must be >= 0, got {d_max}")
+        if virtual_batch_size is not None and (
+            not isinstance(virtual_batch_size, int) or virtual_batch_size < 1
+        ):
+            raise ValueError(
+                f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}"
+            )
         super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
         self.r_max = float(r_max)
         self.d_max = float(d_max)
+        self.virtual_batch_size = virtual_batch_size
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
+
+    def _renormalise(self, chunk: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x_hat * r + d`` of one slice, and its mean and unbiased variance (detached)."""
+        mean, var, count = _batch_statistics(chunk)
+        if count <= 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{tuple(chunk.shape)}"
+            )
+        sigma_batch = torch.sqrt(var + self.eps)
+        with torch.no_grad():
+            sigma = torch.sqrt(self.running_var + self.eps)
+            r = (sigma_batch / sigma).clamp(1.0 / self.r_max, self.r_max)
+            d = ((mean - self.running_mean) / sigma).clamp(-self.d_max, self.d_max)
+        x_hat = (chunk - _channel_view(mean, chunk)) / _channel_view(sigma_batch, chunk)
+        x_hat = x_hat * _channel_view(r, chunk) + _channel_view(d, chunk)
+        return x_hat, mean.detach(), var.detach() * count / (count - 1)
 
     def forward(self, input: Tensor) -> Tensor:
         """Renormalise ``input`` (N, C, *) in training, normalise with running statistics in
@@ -197,21 +252,14 @@ class BatchRenorm(_VariantBase):
         _check_rank(self, input)
         if not self.training:
             return self._evaluate(input)
-        mean, var, count = _batch_statistics(input)
-        if count <= 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got input size "
-                f"{tuple(input.shape)}"
-            )
+        size = self.virtual_batch_size or max(1, input.shape[0])
+        parts = [self._renormalise(chunk) for chunk in torch.split(input, size)]
+        if not parts:
+            raise ValueError(f"Expected more than 1 value per channel, got {tuple(input.shape)}")
         momentum = self._momentum_now()
-        sigma_batch = torch.sqrt(var + self.eps)
-        with torch.no_grad():
-            sigma = torch.sqrt(self.running_var + self.eps)
-            r = (sigma_batch / sigma).clamp(1.0 / self.r_max, self.r_max)
-            d = ((mean - self.running_mean) / sigma).clamp(-self.d_max, self.d_max)
-        x_hat = (input - _channel_view(mean, input)) / _channel_view(sigma_batch, input)
-        x_hat = x_hat * _channel_view(r, input) + _channel_view(d, input)
-        self._update_running(mean.detach(), var.detach() * count / (count - 1), momentum)
+        x_hat = torch.cat([part[0] for part in parts])
+        mean = torch.stack([part[1] for part in parts]).mean(0)
+        self._update_running(mean, torch.stack([part[2] for part in parts]).mean(0), momentum)
         if self.weight is not None:
             x_hat = x_hat * _channel_view(self.weight, input)
         if self.bias is not None:

@@ -50,6 +50,36 @@ def test_ghost_running_statistics_average_the_slices():
     torch.testing.assert_close(ghost(x), reference(x))
 
 
+@pytest.mark.parametrize("shape", [(12, 3), (12, 3, 2, 2)])
+def test_ghost_equal_slices_path_matches_the_slice_loop(shape):
+    x = _input(shape, seed=1)
+    fast, slow = GhostBatchNorm(3, 4).double(), GhostBatchNorm(3, 4).double()
+    with torch.no_grad():
+        for layer in (fast, slow):
+            layer.weight.copy_(torch.tensor([2.0, -1.0, 0.5]))
+            layer.bias.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    y_fast = fast(x)
+    y_slow = torch.cat([slow(chunk) for chunk in torch.split(x, 4)])  # one slice per call
+    torch.testing.assert_close(y_fast, y_slow)
+    weights = torch.randn(y_fast.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((y_fast * weights).sum(), [x, fast.weight])
+    grads_slow = torch.autograd.grad((y_slow * weights).sum(), [x, slow.weight])
+    for got, expected in zip(grads, grads_slow, strict=True):
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        GhostBatchNorm(3, 1)(torch.randn(4, 3))
+    # one image per ghost batch is fine for images: statistics over H*W
+    assert GhostBatchNorm(3, 1)(torch.randn(4, 3, 2, 2)).shape == (4, 3, 2, 2)
+
+
+def test_renorm_per_slice_with_r_max_1_is_ghost_batch_norm():
+    x = _input((12, 3))
+    renorm = BatchRenorm(3, r_max=1.0, d_max=0.0, virtual_batch_size=4).double()
+    ghost = GhostBatchNorm(3, 4).double()
+    torch.testing.assert_close(renorm(x), ghost(x))
+    torch.testing.assert_close(renorm.running_var, ghost.running_var)
+
+
 def test_ghost_with_a_large_virtual_batch_is_batch_norm():
     x = _input((6, 3, 2, 2))
     ghost, bn = GhostBatchNorm(3, virtual_batch_size=64).double(), nn.BatchNorm2d(3).double()
