@@ -12,8 +12,8 @@ callback does the probing).
 * :func:`gradients_at_init`: per-layer gradient norms of deep networks at initialisation.
 * :func:`jacobian_spectra`: singular values of layer Jacobians, at initialisation and trained.
 * :func:`constant_channel`: the forward and backward of batch norm on a channel of zero variance.
-* :func:`batch_noise`, :func:`generalisation_gap`: the noise of batch statistics and the
-  train-test gap against batch size.
+* :func:`batch_noise`, :func:`generalisation_gap`: the noise of batch statistics, and the
+  train-test gap against the number of examples behind each statistic (ghost batches).
 * :func:`dropout_variance_shift`: Li et al.'s (2019) variance shift of dropout before batch norm.
 """
 
@@ -48,6 +48,7 @@ __all__ = [
     "ConstantChannel",
     "constant_channel",
     "batch_noise",
+    "GhostBatchNorm",
     "GapResult",
     "generalisation_gap",
     "DropoutMLP",
@@ -59,19 +60,15 @@ VARIANTS: tuple[str, ...] = ("no BN", "BN", "noisy BN")
 """The networks compared in :func:`probe_training`."""
 
 
-def _device(device: torch.device | str | None) -> torch.device:
-    return get_device() if device is None else torch.device(device)
-
-
 class InjectedNoise(nn.Module):
     """Random, time-varying scale and shift of each unit, applied after a batch norm in training.
 
-    Santurkar et al. (2018) injected noise "with non-zero mean and non-unit variance" after every
-    batch-norm layer, changing at every step, so that the distribution each layer sees moves all
-    the time. Here each unit ``j`` is mapped to ``scale_j * x + shift_j`` with ``shift_j`` drawn
-    from U(-shift_range, shift_range) and ``scale_j`` from U(1, max_scale); :meth:`advance` draws
-    new values (call it after every update). In evaluation mode it applies the noise's expected
-value, ``(1 + max_scale) / 2 * x``, which the next layer saw on average.
+    Santurkar et al. (2018) injected noise "with non-zero mean and non-unit variance" after
+    every batch-norm layer, changing at every step, so that the distribution each layer sees
+    moves all the time. Here each unit ``j`` is mapped to ``scale_j * x + shift_j`` with
+    ``shift_j`` drawn from U(-shift_range, shift_range) and ``scale_j`` from U(1, max_scale);
+    :meth:`advance` draws new values (call it after every update). In evaluation mode it applies
+    the noise's expected value, ``(1 + max_scale) / 2 * x``, which the next layer saw on average.
     """
 
     def __init__(self, num_features: int, *, shift_range: float, max_scale: float, seed: int = 0):
@@ -155,11 +152,13 @@ class ProbedRun:
         Final test accuracy (evaluation mode).
     probe_steps : np.ndarray, shape (P,)
         Steps (updates done) at which the probes ran.
-    shift_l2, shift_cosine : np.ndarray, shape (P, depth)
+    shift_l2, shift_relative, shift_cosine : np.ndarray, shape (P, depth)
         Internal covariate shift of layers 1 .. depth (output last) at each probe:
-        ``||G - G'||`` and the cosine between ``G`` and ``G'``.
+        ``||G - G'||``, ``||G - G'|| / ||G||`` and the cosine between ``G`` and ``G'``.
     probe_losses : np.ndarray, shape (P, K)
         Loss at each probed step size along the gradient.
+    probe_start_loss : np.ndarray, shape (P,)
+        Loss at the probed point itself (step size 0).
     loss_range, gradient_change, beta_smoothness : np.ndarray, shape (P,)
         From :class:`bncourse.analysis.GradientProbe` at each probe.
     model : nn.Module
@@ -170,8 +169,10 @@ class ProbedRun:
     test_accuracy: float
     probe_steps: np.ndarray
     shift_l2: np.ndarray
+    shift_relative: np.ndarray
     shift_cosine: np.ndarray
     probe_losses: np.ndarray
+    probe_start_loss: np.ndarray
     loss_range: np.ndarray
     gradient_change: np.ndarray
     beta_smoothness: np.ndarray
@@ -215,7 +216,7 @@ def probe_training(
         Keyed by variant.
     """
     data = load_digits() if data is None else data
-    device = _device(device)
+    device = get_device(device)
     runs = {}
     for variant in variants:
         model = make_variant(
@@ -226,7 +227,7 @@ def probe_training(
             max_scale=max_scale,
             seed=seed,
         )
-        records: dict[str, list] = {"steps": [], "l2": [], "cos": [], "probe": []}
+        records: dict[str, list] = {"steps": [], "l2": [], "rel": [], "cos": [], "probe": []}
 
         def callback(step, model, inputs, labels, records=records):
             if step % probe_every == 0:
@@ -235,6 +236,7 @@ def probe_training(
                 )
                 records["steps"].append(step)
                 records["l2"].append(shift.l2)
+                records["rel"].append(shift.relative)
                 records["cos"].append(shift.cosine)
                 records["probe"].append(analysis.gradient_probe(model, inputs, labels, step_sizes))
             _advance_noise(model)
@@ -256,8 +258,10 @@ def probe_training(
             test_accuracy=history.final_test_accuracy,
             probe_steps=np.array(records["steps"]),
             shift_l2=np.array(records["l2"]),
+            shift_relative=np.array(records["rel"]),
             shift_cosine=np.array(records["cos"]),
             probe_losses=np.array([p.losses for p in probes]),
+            probe_start_loss=np.array([p.loss for p in probes]),
             loss_range=np.array([p.loss_range for p in probes]),
             gradient_change=np.array([p.max_gradient_change for p in probes]),
             beta_smoothness=np.array([p.beta_smoothness for p in probes]),
@@ -304,14 +308,15 @@ class WeightDecayRun:
 def weight_decay_runs(
     settings: Sequence[tuple[float, float, float]] = (
         (0.1, 0.0, 1.0),
-        (0.1, 0.05, 1.0),
-        (0.4, 0.0125, 2.0),
+        (0.1, 0.1, 1.0),
+        (0.4, 0.025, 2.0),
     ),
     *,
-    steps: int = 400,
+    steps: int = 300,
     batch_size: int = 64,
     depth: int = 3,
     width: int = 64,
+    bn_eps: float = 1e-5,
     data: Dataset | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
@@ -330,6 +335,10 @@ def weight_decay_runs(
     settings : sequence of (lr, weight_decay, init_scale)
         One run per setting, all from the same seed (same directions of the initial weights,
         same batches).
+    bn_eps : float, default 1e-5
+        The batch norms' ``eps``. It is the one thing that breaks scale invariance (the
+        variance it is added to scales with ``||W||**2``, it does not); with a tiny ``eps`` the
+        equivalent settings give the same losses to the last bit.
     steps, batch_size, depth, width, data, seed, device
         As usual.
 
@@ -338,7 +347,7 @@ def weight_decay_runs(
     list of WeightDecayRun
     """
     data = load_digits() if data is None else data
-    device = _device(device)
+    device = get_device(device)
     runs = []
     for lr, weight_decay, init_scale in settings:
         model = make_mlp(
@@ -352,6 +361,8 @@ def weight_decay_runs(
             seed=seed,
         )
         model.output.requires_grad_(False)
+        for block in model.hidden:
+            block.norm.eps = bn_eps
         weights = analysis.hidden_weights(model)
         previous = [w.detach().clone() for w in weights]
         norms = [analysis.weight_norms(model)]
@@ -621,75 +632,128 @@ def batch_noise(
     )
 
 
+class GhostBatchNorm(nn.Module):
+    """Batch norm whose training statistics come from ghost batches of ``ghost_size`` examples.
+
+    Hoffer et al. (2017): the training batch is split into consecutive chunks of ``ghost_size``
+    examples and each chunk is normalised with its own mean and variance. The gradient step still
+    uses the whole batch, so the noise of the batch statistics changes while the noise of SGD
+    does not. The chunks are normalised in one call of :func:`bncourse.torch_bn.batch_norm` (each
+    (chunk, channel) pair is a channel of its own); the wrapped layer's running statistics are
+    updated once per batch with the average of the chunks' means and unbiased variances. In
+    evaluation mode, or when the batch is not a multiple of ``ghost_size``, it is the wrapped
+    batch norm.
+
+    Parameters
+    ----------
+    norm : bncourse.torch_bn.BatchNorm1d or torch.nn.BatchNorm1d
+        An affine batch norm with running statistics and a numeric ``momentum``, input (N, C).
+    ghost_size : int
+        Examples per statistic, at least 2.
+    """
+
+    def __init__(self, norm: nn.Module, ghost_size: int):
+        super().__init__()
+        if ghost_size < 2:
+            raise ValueError(f"ghost_size must be at least 2, got {ghost_size}")
+        self.norm = norm
+        self.ghost_size = ghost_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm, g = self.norm, self.ghost_size
+        n, c = x.shape
+        if not self.training or n % g != 0 or n == g:
+            return norm(x)
+        k = n // g
+        grouped = x.reshape(k, g, c).transpose(0, 1).reshape(g, k * c)
+        out = torch_bn.batch_norm(
+            grouped, None, None, norm.weight.repeat(k), norm.bias.repeat(k), True, 0.0, norm.eps
+        )
+        with torch.no_grad():
+            m = norm.momentum
+            norm.running_mean.mul_(1 - m).add_(m * grouped.mean(0).reshape(k, c).mean(0))
+            norm.running_var.mul_(1 - m).add_(m * grouped.var(0).reshape(k, c).mean(0))
+            norm.num_batches_tracked.add_(1)
+        return out.reshape(g, k, c).transpose(0, 1).reshape(n, c)
+
+
 @dataclass
 class GapResult:
-    """Train and test accuracy of networks trained with different batch sizes.
+    """Train and test loss and accuracy against the batch size of the statistics.
 
     Attributes
     ----------
-    batch_sizes : np.ndarray, shape (B,)
-    train_accuracy, test_accuracy : dict of str to np.ndarray, shape (B,)
-        Per network ("BN", "no BN"), in evaluation mode on the whole split.
-    train_loss, test_loss : dict of str to np.ndarray, shape (B,)
+    ghost_sizes : np.ndarray, shape (B,)
+        Examples per batch-norm statistic (the training batch is ``batch_size``).
+    train_accuracy, test_accuracy, train_loss, test_loss : np.ndarray, shape (B,)
+        In evaluation mode on the whole split, averaged over the seeds.
     """
 
-    batch_sizes: np.ndarray
-    train_accuracy: dict[str, np.ndarray]
-    test_accuracy: dict[str, np.ndarray]
-    train_loss: dict[str, np.ndarray]
-    test_loss: dict[str, np.ndarray]
+    ghost_sizes: np.ndarray
+    train_accuracy: np.ndarray
+    test_accuracy: np.ndarray
+    train_loss: np.ndarray
+    test_loss: np.ndarray
 
-    def gap(self, network: str) -> np.ndarray:
+    @property
+    def gap(self) -> np.ndarray:
         """Test loss minus training loss, shape (B,)."""
-        return self.test_loss[network] - self.train_loss[network]
+        return self.test_loss - self.train_loss
 
 
 def generalisation_gap(
-    batch_sizes: Sequence[int] = (8, 32, 128),
+    ghost_sizes: Sequence[int] = (4, 16, 128),
     *,
-    epochs: int = 20,
-    lr: float = 0.05,
-    networks: Sequence[str] = ("BN", "no BN"),
+    batch_size: int = 128,
+    steps: int = 300,
+    lr: float = 0.1,
     depth: int = 3,
     width: int = 64,
+    seeds: Sequence[int] = (0,),
     data: Dataset | None = None,
-    seed: int = 0,
     device: torch.device | str | None = None,
 ) -> GapResult:
-    """Train with each batch size for the same number of epochs and the same learning rate.
+    """Train BN networks whose statistics use ghost batches of several sizes.
+
+    Every run trains the same ReLU MLP (``depth`` hidden layers with batch norm) with the same
+    batches of ``batch_size`` examples, learning rate and number of steps; only the number of
+    examples behind each batch-norm statistic changes (:class:`GhostBatchNorm`). Results are
+    averaged over ``seeds`` (weights and batch order).
 
     Returns
     -------
     GapResult
     """
     data = load_digits() if data is None else data
-    device = _device(device)
-    keys = ("train_accuracy", "test_accuracy", "train_loss", "test_loss")
-    out: dict[str, dict[str, list]] = {k: {n: [] for n in networks} for k in keys}
-    for network in networks:
-        for b in batch_sizes:
-            norm = "bn" if network == "BN" else None
+    device = get_device(device)
+    x_train, y_train, x_test, y_test = data.tensors(device)
+    results = np.zeros((len(ghost_sizes), len(seeds), 4))
+    for i, ghost in enumerate(ghost_sizes):
+        for j, seed in enumerate(seeds):
             model = make_mlp(
-                64, 10, depth=depth, width=width, activation="relu", norm=norm, seed=seed
+                64, 10, depth=depth, width=width, activation="relu", norm="bn", seed=seed
             )
-            steps = max(1, epochs * data.num_train // b)
+            for block in model.hidden:
+                block.norm = GhostBatchNorm(block.norm, ghost)
             train(
                 model,
                 data,
                 steps=steps,
-                batch_size=b,
+                batch_size=batch_size,
                 lr=lr,
                 seed=seed,
                 device=device,
                 eval_every=0,
             )
-            x_train, y_train, x_test, y_test = data.tensors(device)
-            train_loss, train_acc = evaluate(model, x_train, y_train)
-            test_loss, test_acc = evaluate(model, x_test, y_test)
-            for key, value in zip(keys, (train_acc, test_acc, train_loss, test_loss), strict=True):
-                out[key][network].append(value)
-    arrays = {k: {n: np.array(v) for n, v in d.items()} for k, d in out.items()}
-    return GapResult(batch_sizes=np.asarray(batch_sizes), **arrays)
+            results[i, j] = (*evaluate(model, x_train, y_train), *evaluate(model, x_test, y_test))
+    mean = results.mean(axis=1)
+    return GapResult(
+        ghost_sizes=np.asarray(ghost_sizes),
+        train_loss=mean[:, 0],
+        train_accuracy=mean[:, 1],
+        test_loss=mean[:, 2],
+        test_accuracy=mean[:, 3],
+    )
 
 
 class DropoutMLP(nn.Module):
@@ -787,7 +851,7 @@ def dropout_variance_shift(
     VarianceShift
     """
     data = load_digits() if data is None else data
-    device = _device(device)
+    device = get_device(device)
     shift, accuracy, recomputed = {}, {}, {}
     for position in positions:
         model = DropoutMLP(depth, width, 0.0 if position == "none" else p, position, seed=seed)
