@@ -46,6 +46,8 @@ __all__ = [
     "Sweep",
     "learning_rate_sweep",
     "init_scale_sweep",
+    "EffectiveLearningRate",
+    "init_scale_effective_lr",
     "Saturation",
     "saturation_over_training",
     "BatchNoise",
@@ -490,6 +492,89 @@ def init_scale_sweep(
     """
     return _sweep(
         "init_scale", init_scales, data, lr, 1.0, depth, width, steps, batch_size, seed, device
+    )
+
+
+@dataclass
+class EffectiveLearningRate:
+    """The effective learning rate of the BN network's hidden layers in the init-scale sweep.
+
+    For a linear layer followed by BN, the function does not depend on the scale of the weight
+    rows, and an SGD step of learning rate ``lr`` moves a row ``W_k`` by an angle that scales like
+    ``lr / |W_k|^2`` (chapter 2, "Scale invariance"). This measures that quantity.
+
+    Attributes
+    ----------
+    init_scales : np.ndarray, shape (V,)
+        The initial weight scales tried.
+    start, end : np.ndarray, shape (V,)
+        ``lr / |W_k|^2`` averaged over the rows ``k`` of all hidden layers, at initialisation and
+        after training.
+    accuracy : np.ndarray, shape (V,)
+        Final test accuracy of the BN network.
+    """
+
+    init_scales: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    accuracy: np.ndarray
+
+
+def _hidden_effective_lr(model: torch.nn.Module, lr: float) -> float:
+    """``lr / |W_k|^2`` averaged over the rows of every hidden ``Linear`` layer of ``model``."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][:-1]  # not the output
+    squared = torch.cat([m.weight.detach().pow(2).sum(dim=1).cpu() for m in linears])
+    return float((lr / squared).mean())
+
+
+def init_scale_effective_lr(
+    init_scales: Sequence[float] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+    data: Dataset | None = None,
+    lr: float = 1.0,
+    depth: int = 3,
+    width: int = 64,
+    steps: int = 150,
+    batch_size: int = 60,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> EffectiveLearningRate:
+    """Train the BN network of :func:`init_scale_sweep` at each initial scale and measure the
+    effective learning rate ``lr / |W_k|^2`` of its hidden layers before and after training.
+
+    Same network, data, seed and arguments as :func:`init_scale_sweep` (its ``"BN"`` curve).
+    """
+    data = load_digits() if data is None else data
+    start, end, accuracy = [], [], []
+    for scale in init_scales:
+        model = make_mlp(
+            data.num_features,
+            data.num_classes,
+            depth=depth,
+            width=width,
+            activation="sigmoid",
+            norm="bn",
+            bn_impl="torch",
+            init_scale=scale,
+            seed=seed,
+        )
+        start.append(_hidden_effective_lr(model, lr))
+        history = train(
+            model,
+            data,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+            eval_every=0,
+        )
+        end.append(_hidden_effective_lr(model, lr))
+        accuracy.append(history.final_test_accuracy)
+    return EffectiveLearningRate(
+        init_scales=np.asarray(init_scales, dtype=float),
+        start=np.asarray(start),
+        end=np.asarray(end),
+        accuracy=np.asarray(accuracy),
     )
 
 
