@@ -179,11 +179,14 @@ class ProbedRun:
     model: nn.Module = field(repr=False)
 
     def steps_to_loss(self, threshold: float, window: int = 20) -> int | None:
-        """First step at which the running mean (over ``window`` steps) of the loss < threshold."""
+        """First step ``t`` whose mean loss over steps ``t - window + 1 .. t`` is below threshold.
+
+        None if the running mean never goes below ``threshold``.
+        """
         kernel = np.ones(window) / window
         smooth = np.convolve(self.train_loss, kernel, mode="valid")
         below = np.flatnonzero(smooth < threshold)
-        return int(below[0] + window) if below.size else None
+        return int(below[0] + window - 1) if below.size else None
 
 
 def probe_training(
