@@ -27,7 +27,14 @@ from torch import nn
 from bncourse.data import BatchSampler, Dataset
 from bncourse.utils import torch_threads
 
-__all__ = ["ActivationRecord", "TrainingHistory", "train", "evaluate", "OPTIMIZERS"]
+__all__ = [
+    "ActivationRecord",
+    "TrainingHistory",
+    "train",
+    "evaluate",
+    "learning_rate_sweep",
+    "OPTIMIZERS",
+]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 """The optimizer names :func:`train` accepts."""
@@ -533,3 +540,41 @@ def train(
         config=config,
         wall_time=wall_time,
     )
+
+
+def learning_rate_sweep(
+    make_model: Callable[[str | None, int], nn.Module],
+    data: Dataset,
+    lrs: Sequence[float],
+    norms: Sequence[str | None] = (None, "bn"),
+    seeds: Sequence[int] = (0,),
+    **train_kwargs: Any,
+) -> dict[tuple[str | None, float, int], TrainingHistory]:
+    """Train a fresh model with :func:`train` for every (norm, learning rate, seed).
+
+    Parameters
+    ----------
+    make_model : callable
+        ``make_model(norm, seed)`` returns a new, seeded model (``norm`` is an entry of
+        ``norms``, e.g. None or ``"bn"``).
+    data : Dataset
+    lrs : sequence of float
+        The learning rates.
+    norms : sequence of str or None, default (None, "bn")
+    seeds : sequence of int, default (0,)
+        Each seeds the model (through ``make_model``) and the mini-batch order.
+    **train_kwargs
+        Passed to :func:`train` (``steps``, ``batch_size``, ``device``, ``eval_every``, ...).
+
+    Returns
+    -------
+    dict of (norm, lr, seed) to TrainingHistory
+        In the order norm, then lr, then seed. ``history.final_test_accuracy`` is the usual
+        summary; a diverged run has a non-finite ``final_test_loss``.
+    """
+    return {
+        (norm, lr, seed): train(make_model(norm, seed), data, lr=lr, seed=seed, **train_kwargs)
+        for norm in norms
+        for lr in lrs
+        for seed in seeds
+    }

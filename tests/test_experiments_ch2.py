@@ -8,6 +8,8 @@ import pytest
 from bncourse import numpy_bn
 from bncourse.data import load_digits
 from bncourse.experiments import ch2
+from bncourse.models import make_mlp
+from bncourse.training import train
 
 
 def test_finite_difference_gradient_of_a_quadratic():
@@ -71,9 +73,19 @@ def test_sweeps_return_one_accuracy_per_value(digits):
     assert sweep.name == "lr" and sweep.values.tolist() == [0.1, 1.0]
     assert set(sweep.accuracy) == {"no BN", "BN"}
     assert all(a.shape == (2,) and np.all((a >= 0) & (a <= 1)) for a in sweep.accuracy.values())
-    assert sweep.trains("BN", 0.0).all()
+    # each entry is the final test accuracy of that run, trained on its own
+    model = make_mlp(64, 10, depth=3, width=16, activation="sigmoid", norm="bn",
+                     bn_impl="torch", init_scale=4.0, seed=0)  # fmt: skip
+    alone = train(model, digits, steps=5, lr=1.0, seed=0, device="cpu", eval_every=0)
+    assert sweep.accuracy["BN"][1] == alone.final_test_accuracy
     init = ch2.init_scale_sweep(init_scales=(1.0,), data=digits, width=16, steps=5, device="cpu")
     assert init.name == "init_scale" and "init_scale" not in init.config
+
+
+def test_sweep_trains_is_the_threshold_mask():
+    sweep = ch2.Sweep("lr", np.array([0.1, 1.0, 10.0]), {"BN": np.array([0.5, 0.9, 0.1])}, {})
+    assert sweep.trains("BN", 0.5).tolist() == [True, True, False]
+    assert sweep.trains("BN", 0.91).tolist() == [False, False, False]
 
 
 def test_sweep_is_deterministic(digits):

@@ -16,6 +16,7 @@ from bncourse.training import (
     TrainingHistory,
     _percentiles_over_batch,
     evaluate,
+    learning_rate_sweep,
     train,
 )
 
@@ -349,3 +350,12 @@ def test_freeze_batch_norm_keeps_statistics_and_trains_the_rest(data):
     assert any(bn.weight.grad is not None for bn in norms)
     first_weight = model.state_dict()[next(k for k in model.state_dict() if "weight" in k)]
     assert not torch.equal(first_weight, linear_before)
+
+
+def test_learning_rate_sweep_trains_each_triple_like_train(data):
+    sweep = learning_rate_sweep(lambda norm, seed: _mlp(norm, seed=seed), data, lrs=(0.1, 1.0),
+                                seeds=(0, 1), steps=5, eval_every=0, device="cpu")  # fmt: skip
+    assert list(sweep) == [(n, lr, s) for n in (None, "bn") for lr in (0.1, 1.0) for s in (0, 1)]
+    alone = train(_mlp("bn", seed=1), data, lr=1.0, seed=1, steps=5, eval_every=0, device="cpu")
+    np.testing.assert_array_equal(sweep[("bn", 1.0, 1)].train_loss, alone.train_loss)
+    assert not np.array_equal(sweep[("bn", 1.0, 0)].train_loss, alone.train_loss)

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bncourse.data import BatchSampler, Dataset, load_digits, make_shift_data
+from bncourse import get_device
+from bncourse.data import Dataset, load_digits, make_shift_data
 from bncourse.models import MLP, make_mlp
 from bncourse.training import ActivationRecord, TrainingHistory, evaluate, train
+from bncourse.utils import accuracy
 
 __all__ = [
     "standardize",
@@ -556,6 +557,34 @@ def _distribution_moves(before: np.ndarray, after: np.ndarray) -> tuple[float, f
     return float(moments.mean()), float(wasserstein.mean())
 
 
+class _ShiftMeter:
+    """A :func:`~bncourse.training.train` callback: how far one update moves the
+    pre-activations of a fixed probe batch, for the updates after 0, ``every``, ``2 * every``,
+    ... (fewer than ``steps``) updates."""
+
+    def __init__(self, probe: torch.Tensor, every: int, steps: int) -> None:
+        self.probe, self.every, self.steps = probe, every, steps
+        self.before: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+        self.moments: list[list[float]] = []
+        self.shapes: list[list[float]] = []
+        self.linear_moments: list[list[float]] = []
+
+    def __call__(self, done: int, model: MLP, *_batch: torch.Tensor) -> None:
+        """After ``done`` updates: finish a pending measurement, start the next one."""
+        if self.before is not None:
+            after = _probe_preactivations(model, self.probe)
+            moves = [
+                _distribution_moves(b, a) for b, a in zip(self.before[0], after[0], strict=True)
+            ]
+            self.moments.append([m for m, _ in moves])
+            self.shapes.append([s for _, s in moves])
+            pairs = zip(self.before[1], after[1], strict=True)
+            self.linear_moments.append([_distribution_moves(b, a)[0] for b, a in pairs])
+            self.before = None
+        if done % self.every == 0 and done < self.steps:
+            self.before = _probe_preactivations(model, self.probe)
+
+
 def layer_shift_experiment(
     depth: int = 8,
     width: int = 100,
@@ -598,71 +627,35 @@ def layer_shift_experiment(
     -------
     LayerShift
     """
-    from bncourse import get_device
-
-    device = get_device() if device is None else torch.device(device)
-    previous_threads = torch.get_num_threads()
-    if device.type == "cpu" and cpu_threads is not None:
-        torch.set_num_threads(cpu_threads)
-    try:
-        return _layer_shift(depth, width, activation, lr, steps, measure_every, batch_size,
-                            probe_size, seed, device)  # fmt: skip
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _layer_shift(
-    depth: int,
-    width: int,
-    activation: str,
-    lr: float,
-    steps: int,
-    measure_every: int,
-    batch_size: int,
-    probe_size: int,
-    seed: int,
-    device: torch.device,
-) -> LayerShift:
+    device = get_device(device)
     data = load_digits(seed=seed)
-    x_train, y_train, x_test, y_test = data.tensors(device)
-    probe = x_train[:probe_size]
+    probe = data.tensors(device).x_train[:probe_size]
     result = LayerShift({}, {}, {})
     sizes = dict(depth=depth, width=width, activation=activation, seed=seed)
     reference = make_mlp(data.num_features, data.num_classes, norm="bn", **sizes)
     for label, norm in (("no BN", None), ("BN", "bn")):
         model = make_mlp(data.num_features, data.num_classes, norm=norm, **sizes)
         model = copy_linear_weights(reference, model).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        batches = iter(BatchSampler(data.num_train, batch_size, seed=seed))
-        moments, shapes, linear_moments = [], [], []
-        for step in range(steps):
-            index = torch.from_numpy(next(batches)).to(device)
-            measure = step % measure_every == 0
-            if measure:
-                before = _probe_preactivations(model, probe)
-            loss = F.cross_entropy(model(x_train[index]), y_train[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if measure:
-                after = _probe_preactivations(model, probe)
-                pairs = zip(before[0], after[0], strict=True)
-                moves = [_distribution_moves(b, a) for b, a in pairs]
-                moments.append([m for m, _ in moves])
-                shapes.append([s for _, s in moves])
-                pairs = zip(before[1], after[1], strict=True)
-                linear_moments.append([_distribution_moves(b, a)[0] for b, a in pairs])
+        measure = _ShiftMeter(probe, measure_every, steps)
+        measure(0, model)
+        history = train(
+            model,
+            data,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+            eval_every=0,
+            cpu_threads=cpu_threads,
+            callback=measure,
+        )
         if norm is not None:
-            result.bn_input_moment_shift = np.mean(linear_moments, axis=0)
-        result.moment_shift[label] = np.mean(moments, axis=0)
-        result.shape_shift[label] = np.mean(shapes, axis=0)
-        result.test_accuracy[label] = evaluate(model, x_test, y_test)[1]
+            result.bn_input_moment_shift = np.mean(measure.linear_moments, axis=0)
+        result.moment_shift[label] = np.mean(measure.moments, axis=0)
+        result.shape_shift[label] = np.mean(measure.shapes, axis=0)
+        result.test_accuracy[label] = history.final_test_accuracy
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Dataset shift: what BN does not fix
-# ---------------------------------------------------------------------------------------------
 
 
 def translate_digits(data: Dataset, pixels: int = 1) -> np.ndarray:
@@ -746,6 +739,5 @@ def dataset_shift_experiment(
         model.train()  # normalise with the moved test set's own statistics
         logits = model(torch.as_tensor(x_moved, device=model_device))
         model.eval()
-    labels = torch.as_tensor(data.y_test, device=model_device)
-    own = float((logits.argmax(dim=1) == labels).float().mean())
+    own = accuracy(logits, torch.as_tensor(data.y_test))
     return DatasetShift(original, moved, own, x_moved)

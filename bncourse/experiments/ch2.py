@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
+from torch import nn
 
-from bncourse import numpy_bn
-from bncourse.data import BatchSampler, Dataset, load_digits
+from bncourse import numpy_bn, training
+from bncourse.data import Dataset, load_digits
 from bncourse.models import make_mlp
 from bncourse.training import train
 from bncourse.utils import finite_difference_gradient
@@ -411,35 +412,31 @@ def _sweep(
     device: torch.device | str | None,
 ) -> Sweep:
     data = load_digits() if data is None else data
-    accuracy = {}
-    for label, norm in _NORMS.items():
-        accs = []
-        for value in values:
-            kwargs = {"lr": lr, "init_scale": init_scale, name: value}
-            model = make_mlp(
-                data.num_features,
-                data.num_classes,
-                depth=depth,
-                width=width,
-                activation="sigmoid",
-                norm=norm,
-                bn_impl="torch",
-                init_scale=kwargs["init_scale"],
-                seed=seed,
-            )
-            history = train(
-                model,
-                data,
-                steps=steps,
-                batch_size=batch_size,
-                lr=kwargs["lr"],
-                seed=seed,
-                device=device,
-                eval_every=0,
-            )
-            accuracy_value = history.final_test_accuracy
-            accs.append(accuracy_value if np.isfinite(history.final_test_loss) else 0.0)
-        accuracy[label] = np.asarray(accs)
+    accuracy = {label: [] for label in _NORMS}
+    for value in values:
+        scale = value if name == "init_scale" else init_scale
+
+        def make_model(norm: str | None, seed: int, scale: float = scale) -> nn.Module:
+            return make_mlp(data.num_features, data.num_classes, depth=depth, width=width,
+                            activation="sigmoid", norm=norm, bn_impl="torch",
+                            init_scale=scale, seed=seed)  # fmt: skip
+
+        histories = training.learning_rate_sweep(
+            make_model,
+            data,
+            lrs=[value if name == "lr" else lr],
+            norms=list(_NORMS.values()),
+            seeds=[seed],
+            steps=steps,
+            batch_size=batch_size,
+            device=device,
+            eval_every=0,
+        )
+        for label, norm in _NORMS.items():
+            history = next(h for (n, _, _), h in histories.items() if n == norm)
+            finite = np.isfinite(history.final_test_loss)
+            accuracy[label].append(history.final_test_accuracy if finite else 0.0)
+    accuracy = {label: np.asarray(values_) for label, values_ in accuracy.items()}
     config = dict(
         lr=lr,
         init_scale=init_scale,
@@ -609,6 +606,22 @@ class Saturation:
     final_preactivations: dict[str, np.ndarray]
 
 
+def _saturation_run(
+    model: nn.Module, data: Dataset, threshold: float, **train_kwargs
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """Train ``model``; per recorded step, the saturated fraction of each hidden layer, then
+    the final test accuracy and the last recorded pre-activations of the last hidden layer."""
+    rows, last = [], []
+
+    @torch.no_grad()
+    def count_saturated(step: int, pre: list[torch.Tensor]) -> None:
+        rows.append(torch.stack([(z.abs() > threshold).float().mean() for z in pre]))
+        last[:] = [pre[-1].detach()]
+
+    history = train(model, data, preactivation_callback=count_saturated, **train_kwargs)
+    return torch.stack(rows).cpu().numpy(), history.final_test_accuracy, last[0].cpu().numpy()
+
+
 def saturation_over_training(
     data: Dataset | None = None,
     depth: int = 4,
@@ -629,53 +642,33 @@ def saturation_over_training(
     of its value 0.25 at z = 0.
     Plain SGD; one thread on the CPU; same ``seed``, same result.
     """
-    from bncourse import get_device
-
     data = load_digits() if data is None else data
-    device = get_device() if device is None else torch.device(device)
-    x_train, y_train, x_test, y_test = data.tensors(device)
-    previous_threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
     fraction, final_accuracy, final_pre = {}, {}, {}
     recorded_steps = np.arange(0, steps, record_every)
-    try:
-        for label, norm in _NORMS.items():
-            model = make_mlp(
-                data.num_features,
-                data.num_classes,
-                depth=depth,
-                width=width,
-                activation="sigmoid",
-                norm=norm,
-                bn_impl="torch",
-                init_scale=init_scale,
-                seed=seed,
-            ).to(device)
-            optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-            batches = iter(BatchSampler(data.num_train, batch_size, seed=seed))
-            rows = []
-            for step in range(steps):
-                index = torch.from_numpy(next(batches)).to(device)
-                logits, pre = model.forward_with_preactivations(x_train[index])
-                if step % record_every == 0:
-                    with torch.no_grad():
-                        rows.append(
-                            torch.stack([(z.abs() > threshold).float().mean() for z in pre])
-                        )
-                        last = pre[-1].detach()
-                loss = F.cross_entropy(logits, y_train[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            model.eval()
-            with torch.no_grad():
-                accuracy = (model(x_test).argmax(1) == y_test).float().mean()
-            fraction[label] = torch.stack(rows).cpu().numpy()
-            final_accuracy[label] = float(accuracy)
-            final_pre[label] = last.cpu().numpy()
-    finally:
-        torch.set_num_threads(previous_threads)
+    for label, norm in _NORMS.items():
+        model = make_mlp(
+            data.num_features,
+            data.num_classes,
+            depth=depth,
+            width=width,
+            activation="sigmoid",
+            norm=norm,
+            bn_impl="torch",
+            init_scale=init_scale,
+            seed=seed,
+        )
+        fraction[label], final_accuracy[label], final_pre[label] = _saturation_run(
+            model,
+            data,
+            threshold,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+            eval_every=0,
+            record_every=record_every,
+        )
     return Saturation(
         steps=recorded_steps,
         fraction=fraction,

@@ -19,7 +19,6 @@ in dataclasses); the notebook plots and asserts. The models are the digits MLPs 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -28,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bncourse import get_device
-from bncourse.data import BatchSampler, Dataset, load_digits
+from bncourse import get_device, utils
+from bncourse.data import Dataset, load_digits
 from bncourse.inference import (
     batch_norm_modules,
     fold_batch_norms,
@@ -38,6 +37,7 @@ from bncourse.inference import (
 )
 from bncourse.models import MLP, make_mlp
 from bncourse.training import evaluate, train
+from bncourse.utils import torch_threads
 
 __all__ = [
     "train_bn_mlp",
@@ -54,26 +54,6 @@ __all__ = [
     "FoldingSpeedup",
     "folding_speedup",
 ]
-
-
-def _device(device: torch.device | str | None) -> torch.device:
-    return get_device() if device is None else torch.device(device)
-
-
-@contextlib.contextmanager
-def _cpu_threads(threads: int | None):
-    """Run with ``torch.set_num_threads(threads)`` (None: unchanged), restoring it afterwards.
-
-    One thread is the fastest for these small models and avoids the large slow-down of several
-    intra-op threads on cores shared with other processes.
-    """
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def train_bn_mlp(
@@ -115,7 +95,7 @@ def train_bn_mlp(
         lr=lr,
         seed=seed,
         eval_every=0,
-        device=_device(device),
+        device=get_device(device),
     )
     return model, data
 
@@ -339,8 +319,8 @@ def statistics_over_training(
     hooks. Uses ``torch.nn.BatchNorm1d`` layers (faster for many small steps). Runs with
     ``cpu_threads`` CPU threads (None: the current setting), restored afterwards.
     """
-    with _cpu_threads(cpu_threads):
-        device = _device(device)
+    with torch_threads(cpu_threads):
+        device = get_device(device)
         data = load_digits(seed=seed)
         x_train, y_train, x_test, y_test = data.tensors(device)
         model = make_mlp(
@@ -353,7 +333,6 @@ def statistics_over_training(
             bn_impl="torch",
             seed=seed,
         ).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         shadows = _ShadowAverages(model, momenta)
         names = [f"moving average, momentum {m:g}" for m in momenta]
         result = StatisticsOverTraining(
@@ -361,25 +340,33 @@ def statistics_over_training(
         )
         accuracy = {name: [] for name in names + ["recomputed"]}
         errors = {name: [] for name in names + ["recomputed"]}
-        torch.manual_seed(seed)
-        batches = iter(BatchSampler(data.num_train, batch_size, seed=seed))
-        for step in range(steps + 1):
-            if step in result.steps:
-                population = copy.deepcopy(model)
-                recompute_population_statistics(population, [x_train])
-                true_var = batch_norm_modules(population)[0].running_var
-                candidates = [shadows.model_with(model, m) for m in momenta] + [population]
-                for name, candidate in zip(names + ["recomputed"], candidates, strict=True):
-                    accuracy[name].append(evaluate(candidate, x_test, y_test)[1])
-                    var = batch_norm_modules(candidate)[0].running_var
-                    errors[name].append(float(torch.log(var / true_var).abs().mean()))
-            if step == steps:
-                break
-            index = torch.from_numpy(next(batches)).to(device)
-            loss = F.cross_entropy(model(x_train[index]), y_train[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+
+        def evaluate_all(done: int, model: nn.Module, *_batch: torch.Tensor) -> None:
+            """After ``done`` updates, at the evaluation steps: every kind of statistics."""
+            if done not in result.steps:
+                return
+            population = copy.deepcopy(model)
+            recompute_population_statistics(population, [x_train])
+            true_var = batch_norm_modules(population)[0].running_var
+            candidates = [shadows.model_with(model, m) for m in momenta] + [population]
+            for name, candidate in zip(names + ["recomputed"], candidates, strict=True):
+                accuracy[name].append(evaluate(candidate, x_test, y_test)[1])
+                var = batch_norm_modules(candidate)[0].running_var
+                errors[name].append(float(torch.log(var / true_var).abs().mean()))
+
+        evaluate_all(0, model)
+        train(
+            model,
+            data,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+            eval_every=0,
+            cpu_threads=None,
+            callback=evaluate_all,
+        )
         shadows.remove()
         result.accuracy = {k: np.array(v) for k, v in accuracy.items()}
         result.variance_error = {k: np.array(v) for k, v in errors.items()}
@@ -443,7 +430,7 @@ def forgotten_eval(
         ("train mode, batches sorted by class", by_class),
     ):
         logits = _batched_logits(buggy, x_test, order, batch_size)
-        accuracy[name] = float((logits.argmax(1) == y_test).float().mean())
+        accuracy[name] = utils.accuracy(logits, y_test)
     change = max(
         float((bn.running_mean - old).abs().max())
         for bn, old in zip(batch_norm_modules(buggy), before, strict=True)
@@ -451,7 +438,7 @@ def forgotten_eval(
     fixed = copy.deepcopy(model).eval()
     first = _batched_logits(fixed, x_test, shuffled, batch_size)
     second = _batched_logits(fixed, x_test, by_class, batch_size)
-    accuracy = {"eval mode": float((first.argmax(1) == y_test).float().mean()), **accuracy}
+    accuracy = {"eval mode": utils.accuracy(first, y_test), **accuracy}
     return ForgottenEval(accuracy, change, float((first - second).abs().max()))
 
 
@@ -495,19 +482,11 @@ class SmallBatchMismatch:
     test_finetuned: np.ndarray
 
 
-def _sgd_steps(model, x, y, batch_size, steps, lr, seed, freeze_batch_norm=False):
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    model.train()
-    if freeze_batch_norm:
-        for bn in batch_norm_modules(model):
-            bn.eval()
-    batches = iter(BatchSampler(len(x), batch_size, seed=seed))
-    for _ in range(steps):
-        index = torch.from_numpy(next(batches)).to(x.device)
-        loss = F.cross_entropy(model(x[index]), y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+def _sgd_steps(model, data, batch_size, steps, lr, seed, freeze_batch_norm=False):
+    """Plain SGD with :func:`bncourse.training.train`; the model is left in training mode."""
+    device = next(model.parameters()).device
+    train(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+          eval_every=0, cpu_threads=None, freeze_batch_norm=freeze_batch_norm)  # fmt: skip
     model.train()
 
 
@@ -529,8 +508,8 @@ def small_batch_mismatch(
     batch size (``lr = lr_per_example * batch_size``). Uses ``torch.nn.BatchNorm1d`` layers.
     Runs with ``cpu_threads`` CPU threads (None: the current setting), restored afterwards.
     """
-    with _cpu_threads(cpu_threads):
-        device = _device(device)
+    with torch_threads(cpu_threads):
+        device = get_device(device)
         data = load_digits(seed=seed)
         x_train, y_train, x_test, y_test = data.tensors(device)
         rows = []
@@ -547,8 +526,7 @@ def small_batch_mismatch(
             ).to(device)
             _sgd_steps(
                 model,
-                x_train,
-                y_train,
+                data,
                 batch_size,
                 examples // batch_size,
                 lr_per_example * batch_size,
@@ -558,7 +536,7 @@ def small_batch_mismatch(
                 order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))
                 probe = copy.deepcopy(model).train()
                 logits = _batched_logits(probe, x_train, order.to(device), batch_size)
-                train_mode = float((logits.argmax(1) == y_train).float().mean())
+                train_mode = utils.accuracy(logits, y_train)
                 eval_logits = copy.deepcopy(model).eval()(x_train)
                 disagreement = float((logits.argmax(1) != eval_logits.argmax(1)).float().mean())
             eval_mode = evaluate(model, x_train, y_train)[1]
@@ -567,8 +545,7 @@ def small_batch_mismatch(
             recomputed = evaluate(model, x_train, y_train)[1]
             _sgd_steps(
                 model,
-                x_train,
-                y_train,
+                data,
                 finetune_batch_size,
                 finetune_steps,
                 finetune_lr,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bncourse import numpy_bn
+from bncourse import get_device, numpy_bn, training, utils
 from bncourse.data import Dataset, load_digits
 from bncourse.inference import batch_norm_modules, fold_batch_norms
 from bncourse.models import CNN, make_cnn
@@ -165,9 +165,7 @@ def compare_with_torch(
         Key ``"channels-last kept"`` is 1.0 if both torch modules returned channels-last
         outputs and gradients, else 0.0.
     """
-    from bncourse import get_device
-
-    device = get_device() if device is None else torch.device(device)
+    device = get_device(device)
     rng = np.random.default_rng(seed)
     channels = shape[1]
     offsets = rng.normal(0.0, 5.0, size=(1, channels, 1, 1))
@@ -445,14 +443,7 @@ def train_cnn(
     history : TrainingHistory
     """
     data = load_digits(flatten=False) if data is None else data
-    model = make_cnn(
-        data.num_classes,
-        channels=channels,
-        norm=norm,
-        bn_impl=bn_impl,
-        input_shape=tuple(data.x_train.shape[1:]),
-        seed=seed,
-    )
+    model = _make_cnn(data, norm, seed, channels=channels, bn_impl=bn_impl)
     history = train(
         model,
         data,
@@ -466,6 +457,12 @@ def train_cnn(
     return model, history
 
 
+def _make_cnn(data: Dataset, norm: str | None, seed: int, **kwargs) -> CNN:
+    """:func:`bncourse.models.make_cnn` for ``data``'s images and classes."""
+    input_shape = tuple(data.x_train.shape[1:])
+    return make_cnn(data.num_classes, norm=norm, input_shape=input_shape, seed=seed, **kwargs)
+
+
 def learning_rate_sweep(
     lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0),
     norms: tuple[str | None, ...] = (None, "bn"),
@@ -475,18 +472,20 @@ def learning_rate_sweep(
 ) -> dict[tuple[str | None, float, int], TrainingHistory]:
     """Train the CNN for every (norm, lr, seed); returns the histories keyed by that triple.
 
-    ``train_kwargs`` go to :func:`train_cnn` (``batch_size``, ``channels``, ``bn_impl``, ...).
+    :func:`bncourse.training.learning_rate_sweep` with the models of :func:`train_cnn`;
+    ``train_kwargs`` are :func:`train_cnn`'s (``batch_size``, ``channels``, ``bn_impl``, ...).
     """
     data = train_kwargs.pop("data", None) or load_digits(flatten=False)
-    results = {}
-    for norm in norms:
-        for lr in lrs:
-            for seed in seeds:
-                _, history = train_cnn(
-                    norm=norm, lr=lr, steps=steps, seed=seed, data=data, **train_kwargs
-                )
-                results[(norm, lr, seed)] = history
-    return results
+    cnn_kwargs = {
+        key: train_kwargs.pop(key) for key in ("channels", "bn_impl") if key in train_kwargs
+    }
+
+    def make_model(norm: str | None, seed: int) -> CNN:
+        return _make_cnn(data, norm, seed, **cnn_kwargs)
+
+    return training.learning_rate_sweep(
+        make_model, data, lrs, norms, seeds, steps=steps, **train_kwargs
+    )
 
 
 def conv_weight_norms(model: CNN) -> np.ndarray:
@@ -652,8 +651,8 @@ def folding_experiment(model: CNN, data: Dataset | None = None) -> FoldingResult
         largest_logit_difference=float((logits - folded_logits).abs().max()),
         largest_logit=float(logits.abs().max()),
         predictions_agree=float((logits.argmax(1) == folded_logits.argmax(1)).float().mean()),
-        accuracy=float((logits.argmax(1) == y).float().mean()),
-        folded_accuracy=float((folded_logits.argmax(1) == y).float().mean()),
+        accuracy=utils.accuracy(logits, y),
+        folded_accuracy=utils.accuracy(folded_logits, y),
         modules_before=len(batch_norm_modules(model)),
         modules_after=len(batch_norm_modules(folded)),
     )
