@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from bncourse import torch_bn
+from bncourse.utils import torch_threads
 
 __all__ = [
     "MOMENTUM_CONVENTIONS",
@@ -481,11 +482,8 @@ def time_inference(
         raise ValueError(
             f"time_inference: repeats and number must be >= 1, got {repeats}, {number}"
         )
-    previous_threads = torch.get_num_threads()
-    if cpu_threads is not None:
-        torch.set_num_threads(cpu_threads)
     synchronize = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    try:
+    with torch_threads(cpu_threads):
         for model in models.values():
             for _ in range(warmup):
                 model(x)
@@ -498,6 +496,4 @@ def time_inference(
                     model(x)
                 synchronize()
                 times[name][repeat] = (time.perf_counter() - start) / number
-    finally:
-        torch.set_num_threads(previous_threads)
     return times

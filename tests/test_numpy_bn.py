@@ -30,6 +30,7 @@ from bncourse.numpy_bn import (
     batch_norm_inference,
     batch_statistics,
 )
+from bncourse.utils import finite_difference_gradient
 
 KERNEL_SETS = [
     SimpleNamespace(
@@ -253,23 +254,10 @@ def test_backward_matches_central_finite_differences(bn, shape, backward):
         weights, cache
     )
 
-    h = 1e-5
-
-    def numeric(array, f):
-        grad = np.zeros_like(array)
-        for index in np.ndindex(array.shape):
-            original = array[index]
-            array[index] = original + h
-            plus = f()
-            array[index] = original - h
-            minus = f()
-            array[index] = original
-            grad[index] = (plus - minus) / (2 * h)
-        return grad
-
-    assert _relative_error(dx, numeric(x, lambda: loss(x, gamma, beta))) < 1e-7
-    assert _relative_error(dgamma, numeric(gamma, lambda: loss(x, gamma, beta))) < 1e-7
-    assert _relative_error(dbeta, numeric(beta, lambda: loss(x, gamma, beta))) < 1e-7
+    numeric = finite_difference_gradient
+    assert _relative_error(dx, numeric(lambda v: loss(v, gamma, beta), x, h=1e-5)) < 1e-7
+    assert _relative_error(dgamma, numeric(lambda v: loss(x, v, beta), gamma, h=1e-5)) < 1e-7
+    assert _relative_error(dbeta, numeric(lambda v: loss(x, gamma, v), beta, h=1e-5)) < 1e-7
 
 
 # ---------------------------------------------------------------------------------------------
