@@ -44,6 +44,32 @@ BOTH = pytest.mark.parametrize("bn", KERNEL_SETS, ids=["reference", "fast"])
 """Runs a test with ``bn`` = the reference kernels, then the fast ones."""
 
 
+@pytest.fixture(autouse=True)
+def fast_kernels_on_every_size(monkeypatch):
+    """The fast kernels hand small inputs to the reference; here they run on every size."""
+    monkeypatch.setattr(fast_numpy_bn, "_SMALL_INPUT", 0)
+
+
+def test_fast_kernels_hand_small_inputs_to_the_reference(monkeypatch):
+    monkeypatch.setattr(fast_numpy_bn, "_SMALL_INPUT", 1 << 16)
+    calls = []
+    for name in ("batch_norm_forward", "batch_norm_backward"):
+        original = getattr(numpy_bn, name)
+
+        def spy(*args, original=original, name=name):
+            calls.append(name)
+            return original(*args)
+
+        monkeypatch.setattr(numpy_bn, name, spy)
+    rng = np.random.default_rng(20)
+    for shape, expected in (((2, 64, 8, 8), 2), ((300, 3, 9, 9), 0)):
+        calls.clear()
+        x = random_input(rng, shape, np.float32)
+        _, cache = fast_numpy_bn.batch_norm_forward(x, None, None)
+        fast_numpy_bn.batch_norm_backward(x, cache)
+        assert len(calls) == expected, shape
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """These tensors are small: one thread is as fast and steadier on a shared machine."""

@@ -19,6 +19,8 @@ each buys, are the subject of the book's page "Making batch norm fast":
   variance of the centred values is corrected exactly.
 * **In place, reused memory.** ``x_hat`` is normalised in place in the centred array, and the
   layer hands back its previous ``x_hat`` as the next forward's workspace (``_forward``).
+* **Small inputs take the simple path.** Below ``_SMALL_INPUT`` values the set-up of the
+  slabs costs more than it saves, and the reference functions run instead.
 * **Closed form as two constants.** The backward pass computes
   ``dx = scale * (g - mean(g) - x_hat * mean(g * x_hat))`` with one fused pass per slab.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bncourse import numpy_bn as reference
 from bncourse.numpy_bn import (
     BatchNormCache,
     _check_enough_values,
@@ -42,6 +45,10 @@ from bncourse.numpy_bn import (
 
 __all__ = ["batch_norm_forward", "batch_norm_backward"]
 
+
+# Inputs of fewer values run the reference functions (their set-up is cheaper; measured on
+# (2, 64, 8, 8) and (64, 128): the reference is about 1.5x faster there, slower from ~2**16 up).
+_SMALL_INPUT = 1 << 16
 
 # The passes over the data run slab by slab, a slab being whole samples (axis 0) of about this
 # many values: a slab's float32 arrays and its float64 scratch (1 MiB) stay in the CPU's cache
@@ -252,6 +259,8 @@ def _forward(
     gamma64 = _check_per_channel("gamma", gamma, channels)
     beta64 = _check_per_channel("beta", beta, channels)
     _check_enough_values(x)
+    if x.size < _SMALL_INPUT:
+        return reference.batch_norm_forward(x, gamma, beta, eps)
 
     shape3 = (x.shape[0], channels, x.size // (x.shape[0] * channels))
     fits = (
@@ -311,6 +320,8 @@ def batch_norm_backward(
         ``scale * (g - mean(g) - x_hat * mean(g * x_hat))``, slab by slab.
     """
     dy = _check_upstream(dy, cache)
+    if dy.size < _SMALL_INPUT:
+        return reference.batch_norm_backward(dy, cache)
     dtype = _working_dtype(cache.x.dtype)
     g = _as_rows(dy, dtype)
     x_hat = _as_rows(cache.x_hat, dtype)
