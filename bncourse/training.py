@@ -15,7 +15,7 @@ forward pass.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -364,6 +364,7 @@ def train(
     callback: Callable[[int, nn.Module, torch.Tensor, torch.Tensor], object] | None = None,
     preactivation_callback: Callable[[int, list[torch.Tensor]], object] | None = None,
     freeze_batch_norm: bool = False,
+    batches: Iterable[np.ndarray] | None = None,
 ) -> TrainingHistory:
     """Train a classifier with mini-batch SGD (or Adam) on cross-entropy, recording its progress.
 
@@ -433,6 +434,10 @@ def train(
         Keep every batch-norm layer in evaluation mode while the rest trains: the layers
         normalise with their running statistics and do not update them (their ``weight`` and
         ``bias`` still learn). For fine-tuning with fixed statistics.
+    batches : iterable of np.ndarray, optional
+        The mini-batches as arrays of indices into the training split (each of shape (B,),
+        any B >= 1), used in order instead of the seeded sampler: the first ``steps`` of them
+        (e.g. batches sorted by class). ``batch_size`` is then unused.
 
     Returns
     -------
@@ -480,7 +485,8 @@ def train(
     device = get_device() if device is None else torch.device(device)
     config["device"] = str(device)
     torch.manual_seed(seed)
-    sampler = BatchSampler(data.num_train, batch_size, seed=seed)
+    if batches is None:
+        batches = BatchSampler(data.num_train, batch_size, seed=seed)
     model.to(device)
     _training_mode(model, freeze_batch_norm)
     optim = _make_optimizer(optimizer, list(model.parameters()), lr, momentum, weight_decay)
@@ -490,6 +496,7 @@ def train(
     recorder = _ActivationRecorder(num_records, record_layers, percentiles, record_units, device)
     train_loss = torch.empty(steps, device=device)
     train_correct = torch.empty(steps, dtype=torch.int64, device=device)
+    batch_sizes = np.empty(steps)
     eval_steps: list[int] = []
     test_loss: list[float] = []
     test_accuracy: list[float] = []
@@ -504,9 +511,13 @@ def train(
     with torch_threads(cpu_threads, device):
         start_time = time.perf_counter()
         evaluate_now(0)
-        batches = iter(sampler)
+        batches = iter(batches)
         for step in range(steps):
-            index = torch.from_numpy(next(batches)).to(device, non_blocking=True)
+            index = next(batches, None)
+            if index is None:
+                raise ValueError(f"batches holds fewer than steps={steps} mini-batches")
+            index = torch.as_tensor(np.asarray(index, dtype=np.int64)).to(device, non_blocking=True)
+            batch_sizes[step] = len(index)
             inputs, labels = x_train[index], y_train[index]
             if record_every > 0 and step % record_every == 0:
                 logits, preactivations = model.forward_with_preactivations(inputs)
@@ -532,7 +543,7 @@ def train(
     return TrainingHistory(
         train_steps=np.arange(steps, dtype=np.int64),
         train_loss=train_loss.cpu().numpy(),
-        train_accuracy=(train_correct.cpu().numpy() / batch_size).astype(np.float32),
+        train_accuracy=(train_correct.cpu().numpy() / batch_sizes).astype(np.float32),
         eval_steps=np.asarray(eval_steps, dtype=np.int64),
         test_loss=np.asarray(test_loss, dtype=np.float64),
         test_accuracy=np.asarray(test_accuracy, dtype=np.float64),

@@ -359,3 +359,19 @@ def test_learning_rate_sweep_trains_each_triple_like_train(data):
     alone = train(_mlp("bn", seed=1), data, lr=1.0, seed=1, steps=5, eval_every=0, device="cpu")
     np.testing.assert_array_equal(sweep[("bn", 1.0, 1)].train_loss, alone.train_loss)
     assert not np.array_equal(sweep[("bn", 1.0, 0)].train_loss, alone.train_loss)
+
+
+def test_given_batches_replace_the_sampler(data):
+    sampler = iter(BatchSampler(data.num_train, 60, seed=3))
+    given = [next(sampler) for _ in range(8)]
+    same = train(_mlp(), data, steps=8, seed=3, eval_every=0, device="cpu")
+    other = train(_mlp(), data, steps=8, seed=3, eval_every=0, device="cpu", batches=given[::-1])
+    again = train(_mlp(), data, steps=8, seed=3, eval_every=0, device="cpu", batches=given)
+    np.testing.assert_array_equal(again.train_loss, same.train_loss)
+    assert not np.array_equal(other.train_loss, same.train_loss)
+    by_class = [np.flatnonzero(np.asarray(data.y_train) == label)[:7] for label in range(10)]
+    history = train(_mlp(), data, steps=3, eval_every=0, device="cpu", batches=by_class)
+    correct = history.train_accuracy * 7
+    np.testing.assert_allclose(correct, np.round(correct), atol=1e-5)  # fractions of 7, not 60
+    with pytest.raises(ValueError, match="fewer than steps=4"):
+        train(_mlp(), data, steps=4, eval_every=0, device="cpu", batches=given[:3])
