@@ -9,6 +9,7 @@ from torch import nn
 
 from bncourse.batch_variants import BatchRenorm, GhostBatchNorm
 from bncourse.experiments import ch8
+from bncourse.training import train
 
 SEEDS = (0, 1, 2, 3)
 
@@ -42,6 +43,35 @@ def test_class_sorted_batches_have_one_class_per_device():
         assert len(np.unique(per_device[:, 0])) == 8  # 8 devices, 8 different classes
     with pytest.raises(ValueError, match="multiple"):
         ch8.class_sorted_batches(labels, 30, 4, steps=1)
+
+
+def test_dataset_for_batches_makes_train_draw_the_given_batches():
+    from bncourse.data import BatchSampler, load_digits
+
+    data = load_digits()
+    wanted = ch8.class_sorted_batches(data.y_train, 8, 4, steps=6, seed=3)
+    laid_out = ch8.dataset_for_batches(data, wanted, 8, seed=5)
+    assert laid_out.num_train == 48
+    drawn = BatchSampler(laid_out.num_train, 8, seed=5).take(6)  # what train draws
+    for batch, expected in zip(drawn, wanted, strict=True):
+        np.testing.assert_array_equal(laid_out.x_train[batch], data.x_train[expected])
+        np.testing.assert_array_equal(laid_out.y_train[batch], data.y_train[expected])
+    np.testing.assert_array_equal(laid_out.x_test, data.x_test)
+    # and train does draw them: record the labels it sees
+    seen = []
+    model = ch8.make_model("gn", seed=0)
+    train(
+        model,
+        laid_out,
+        steps=6,
+        batch_size=8,
+        seed=5,
+        eval_every=0,
+        device="cpu",
+        callback=lambda step, model, inputs, labels: seen.append(labels.numpy().copy()),
+    )
+    for labels, expected in zip(seen, wanted, strict=True):
+        np.testing.assert_array_equal(labels, data.y_train[expected])
 
 
 def test_statistics_noise_follows_one_over_sqrt_m():
@@ -104,9 +134,13 @@ def test_chapter_claims_on_batches_sorted_by_class(seed):
         norm: ch8.train_per_device(norm, 4, sorted_by_class=True, seed=seed).test_accuracy
         for norm in ("bn", "renorm", "gn")
     }
-    assert shuffled - runs["bn"] > 0.3
+    synchronised = ch8.train_per_device("bn", None, sorted_by_class=True, class_block=4, seed=seed)
+    assert runs["bn"] < 0.2
+    assert shuffled - runs["bn"] > 0.6
     assert runs["renorm"] - runs["bn"] > 0.2
+    assert runs["renorm"] < 0.8
     assert runs["gn"] > 0.9
+    assert synchronised.test_accuracy > 0.9
 
 
 @pytest.mark.slow
