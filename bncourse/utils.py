@@ -4,6 +4,8 @@
 * :func:`accuracy`: the fraction of correct predictions of a batch of logits.
 * :func:`finite_difference_gradient`: the central-difference gradient of a scalar function,
   to check hand-derived backward passes.
+* :func:`interleaved_times`: time several functions in turn, repeat after repeat, so that a
+  burst of load on a shared machine hits them all alike.
 
 The device the book runs on is :func:`bncourse.get_device` (``get_device(device)`` also turns a
 device string or ``None`` into a ``torch.device``).
@@ -12,12 +14,13 @@ device string or ``None`` into a ``torch.device``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["torch_threads", "accuracy", "finite_difference_gradient"]
+__all__ = ["torch_threads", "accuracy", "finite_difference_gradient", "interleaved_times"]
 
 
 @contextlib.contextmanager
@@ -109,3 +112,53 @@ def finite_difference_gradient(
         flat[i] = saved
         grad_flat[i] = (upper - lower) / (2.0 * h)
     return grad
+
+
+def interleaved_times(
+    functions: Mapping[str, Callable[[], object]],
+    repeats: int = 15,
+    number: int = 1,
+    warmup: int = 1,
+    clock: str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Seconds per call of each function, timed in turn (A, B, C, A, B, C, ...).
+
+    Quote the median over repeats: it ignores the occasional slow repeat. On a shared machine
+    the process's CPU time (``clock="cpu"``) leaves out the time spent waiting for a core.
+
+    Parameters
+    ----------
+    functions : dict of name to callable
+        Each is called with no arguments.
+    repeats : int, default 15
+        Timed repeats of each function.
+    number : int, default 1
+        Calls per repeat (the time of a repeat is divided by it).
+    warmup : int, default 1
+        Untimed calls of each function first.
+    clock : {"cpu", "wall"}, default "cpu"
+        :func:`time.process_time` or :func:`time.perf_counter`.
+
+    Returns
+    -------
+    dict of name to np.ndarray, shape (repeats,)
+    """
+    if repeats < 1 or number < 1 or warmup < 0:
+        raise ValueError(
+            f"need repeats, number >= 1 and warmup >= 0, got {repeats}, {number}, {warmup}"
+        )
+    clocks = {"cpu": time.process_time, "wall": time.perf_counter}
+    if clock not in clocks:
+        raise ValueError(f"clock must be 'cpu' or 'wall', got {clock!r}")
+    now = clocks[clock]
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    times = {name: np.empty(repeats) for name in functions}
+    for repeat in range(repeats):
+        for name, function in functions.items():
+            start = now()
+            for _ in range(number):
+                function()
+            times[name][repeat] = (now() - start) / number
+    return times

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from bncourse.utils import accuracy, finite_difference_gradient, torch_threads
+from bncourse.utils import (
+    accuracy,
+    finite_difference_gradient,
+    interleaved_times,
+    torch_threads,
+)
 
 
 def test_torch_threads_sets_and_restores_even_on_error():
@@ -52,3 +57,19 @@ def test_finite_difference_gradient_of_known_functions():
     grad = finite_difference_gradient(lambda v: float(np.sum(weights * np.sin(v))), x)
     np.testing.assert_allclose(grad, weights * np.cos(x), rtol=1e-7, atol=1e-9)
     np.testing.assert_array_equal(x, [[0.5, -1.0], [2.0, 3.0]])  # not modified
+
+
+def test_interleaved_times_alternates_and_measures():
+    calls = []
+    spin = lambda: sum(range(20000))  # noqa: E731
+    times = interleaved_times(
+        {"a": lambda: calls.append("a"), "b": lambda: (calls.append("b"), spin())},
+        repeats=3, number=2, warmup=1,
+    )  # fmt: skip
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert times["a"].shape == times["b"].shape == (3,)
+    assert np.median(times["b"]) > np.median(times["a"])
+    wall = interleaved_times({"spin": spin}, repeats=2, clock="wall")
+    assert np.all(wall["spin"] > 0)
+    with pytest.raises(ValueError, match="clock"):
+        interleaved_times({"spin": spin}, clock="gpu")
