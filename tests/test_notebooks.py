@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -42,3 +43,111 @@ def test_notebook_listed_in_toc(path: Path):
     toc = (ROOT / "_toc.yml").read_text()
     entry = path.relative_to(ROOT).with_suffix("").as_posix()
     assert f"file: {entry}" in toc, f"{entry} is missing from _toc.yml"
+
+
+# --- the reading experience, in the sources (CONTRIBUTING.md; the browser test in
+# tests/test_site.py measures the built pages) ---------------------------------------------------
+
+MAX_CODE_LINE = 75  # characters; the code box shows about 77 at 1280 px
+
+
+def _cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"]
+
+
+def _text(cell: dict) -> str:
+    source = cell["source"]
+    return "".join(source) if isinstance(source, list) else source
+
+
+def _tags(cell: dict) -> list[str]:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+def _shown_code(path: Path) -> list[tuple[int, dict]]:
+    return [
+        (index, cell)
+        for index, cell in enumerate(_cells(path))
+        if cell["cell_type"] == "code" and "remove-cell" not in _tags(cell)
+    ]
+
+
+def _is_check_cell(cell: dict) -> bool:
+    prompt = cell.get("metadata", {}).get("mystnb", {}).get("code_prompt_show", "")
+    return "hide-cell" in _tags(cell) and prompt.startswith("Checks: ")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_code_lines_fit_the_code_box(path: Path):
+    long = [
+        f"cell {index}: {len(line)} chars: {line.strip()[:60]}"
+        for index, cell in _shown_code(path)
+        for line in _text(cell).splitlines()
+        if len(line) > MAX_CODE_LINE
+    ]
+    assert not long, f"{path.name}: lines over {MAX_CODE_LINE} characters:\n" + "\n".join(long)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_asserts_live_in_check_cells(path: Path):
+    """Every assert is in a check cell (tag hide-cell, prompt "Checks: ..."), except in the
+    nbgrader cells of exercises; a check cell holds checks, not figures or tables."""
+    problems = []
+    for index, cell in _shown_code(path):
+        text = _text(cell)
+        grading = cell.get("metadata", {}).get("nbgrader", {})
+        has_assert = any(line.lstrip().startswith("assert") for line in text.splitlines())
+        if _is_check_cell(cell):
+            if "figure" in cell["metadata"].get("mystnb", {}) or "show_table(" in text:
+                problems.append(f"cell {index}: a check cell draws a figure or a table")
+        elif "hide-cell" in _tags(cell) and has_assert:
+            problems.append(f"cell {index}: tagged hide-cell without a 'Checks: ...' prompt")
+        elif has_assert and not grading:
+            first = next(line for line in text.splitlines() if line.lstrip().startswith("assert"))
+            problems.append(f"cell {index}: assert in a reading cell: {first.strip()[:60]}")
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_figure_cells_have_name_caption_and_alt_text(path: Path):
+    problems = []
+    for index, cell in _shown_code(path):
+        mystnb = cell.get("metadata", {}).get("mystnb", {})
+        draws = re.search(r"\b(subplots|plt\.figure|plot_curves|plot_histograms)\(", _text(cell))
+        if not draws and "figure" not in mystnb:
+            continue
+        figure, alt = mystnb.get("figure", {}), mystnb.get("image", {}).get("alt", "")
+        if not re.fullmatch(r"fig-[\w-]+", figure.get("name", "")):
+            problems.append(f"cell {index}: no figure name fig-<chapter>-<short>")
+        if len(figure.get("caption", "")) < 20:
+            problems.append(f"cell {index}: no caption that says what to see")
+        if len(alt) < 20:
+            problems.append(f"cell {index}: no alt text")
+        if "tight_layout" in _text(cell):
+            problems.append(f"cell {index}: tight_layout (the style uses constrained layout)")
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_has_key_takeaways(path: Path):
+    assert any("{admonition} Key takeaways" in _text(cell) for cell in _cells(path)), (
+        f"{path.name}: no key-takeaways box (CONTRIBUTING.md)"
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_coding_solutions_are_inside_their_dropdown(path: Path):
+    """Each solution code cell sits between a {solution-start} and a {solution-end}."""
+    problems, inside = [], False
+    for index, cell in enumerate(_cells(path)):
+        text = _text(cell)
+        if cell["cell_type"] == "markdown":
+            if "{solution-start}" in text:
+                inside = True
+            if "{solution-end}" in text:
+                inside = False
+        elif cell.get("metadata", {}).get("nbgrader", {}).get("solution") and not inside:
+            problems.append(f"cell {index}: a solution cell outside a gated solution")
+        elif inside and "hide-input" in _tags(cell):
+            problems.append(f"cell {index}: hide-input inside the dropdown (not needed)")
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
