@@ -1,0 +1,120 @@
+"""Speed of the normalization family in bncourse.torch_norm against PyTorch's native layers.
+
+Times forward + backward (a full-size upstream gradient) of GroupNorm and InstanceNorm2d on
+(32, 64, 32, 32) and of LayerNorm and RMSNorm on (32, 128, 768), for:
+
+* ``bncourse``: the package's modules in eager mode (the reference code: one autograd Function
+  with the hand-derived backward, a few tensor operations each way);
+* ``bncourse compiled``: the same modules through ``torch.compile`` (Inductor fuses the
+  operations of the forward and of the hand-derived backward);
+* ``torch``: ``torch.nn``'s modules in eager mode (fused native kernels), and
+  ``torch compiled`` for reference.
+
+The calls are interleaved (one of each variant per round) and the median per variant is
+reported, in CPU time (``time.process_time``) so that other processes on a shared machine
+count less; on CUDA, wall time after synchronisation. The targets: ``bncourse`` at most 1.5x
+native eager, ``bncourse compiled`` at most 1.0x native eager.
+
+Usage::
+
+    python benchmarks/bench_norms.py [--repeats 15] [--threads 1] [--no-compile] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from bncourse import torch_norm
+
+CASES = {
+    "GroupNorm(32, 64)": (
+        lambda: torch_norm.GroupNorm(32, 64),
+        lambda: nn.GroupNorm(32, 64),
+        (32, 64, 32, 32),
+    ),
+    "InstanceNorm2d(64, affine)": (
+        lambda: torch_norm.InstanceNorm2d(64, affine=True),
+        lambda: nn.InstanceNorm2d(64, affine=True),
+        (32, 64, 32, 32),
+    ),
+    "LayerNorm(768)": (
+        lambda: torch_norm.LayerNorm(768),
+        lambda: nn.LayerNorm(768),
+        (32, 128, 768),
+    ),
+    "RMSNorm(768)": (
+        lambda: torch_norm.RMSNorm(768),
+        lambda: nn.RMSNorm(768),
+        (32, 128, 768),
+    ),
+}
+
+
+def _timer(device: torch.device):
+    if device.type == "cuda":
+
+        def now() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+
+        return now
+    return time.process_time
+
+
+def bench_case(name: str, device: torch.device, repeats: int, compile_: bool) -> dict[str, float]:
+    """Median forward + backward time (ms) of each variant of one case."""
+    ours_factory, theirs_factory, shape = CASES[name]
+    x = torch.randn(shape, device=device, requires_grad=True)
+    dy = torch.randn(shape, device=device)
+    variants = {"bncourse": ours_factory().to(device), "torch": theirs_factory().to(device)}
+    if compile_:
+        variants["bncourse compiled"] = torch.compile(ours_factory().to(device))
+        variants["torch compiled"] = torch.compile(theirs_factory().to(device))
+    now = _timer(device)
+    times: dict[str, list[float]] = {key: [] for key in variants}
+    for round_ in range(repeats + 3):  # three warm-up rounds (compilation included)
+        for key, module in variants.items():
+            x.grad = None
+            start = now()
+            module(x).backward(dy)
+            elapsed = now() - start
+            if round_ >= 3:
+                times[key].append(elapsed)
+    return {key: 1e3 * statistics.median(t) for key, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    args = parser.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {device}, {args.threads} thread(s), "
+        f"median of {args.repeats} interleaved rounds, forward + backward, ms"
+    )
+    header = "| case | bncourse | torch | ratio | bncourse compiled | ratio | torch compiled |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for name in args.cases:
+        t = bench_case(name, device, args.repeats, not args.no_compile)
+        ours, native = t["bncourse"], t["torch"]
+        compiled = t.get("bncourse compiled", float("nan"))
+        native_compiled = t.get("torch compiled", float("nan"))
+        print(
+            f"| {name} | {ours:.2f} | {native:.2f} | {ours / native:.2f}x | {compiled:.2f} | "
+            f"{compiled / native:.2f}x | {native_compiled:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
