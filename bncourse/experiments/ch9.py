@@ -32,8 +32,10 @@ from torch import nn
 
 from bncourse import adaptation, frozen, precision
 from bncourse.data import Dataset, load_digits
+from bncourse.inference import batch_norm_modules
 from bncourse.models import make_mlp
 from bncourse.training import evaluate, train
+from bncourse.utils import accuracy as _accuracy
 
 __all__ = [
     "SHIFTS",
@@ -51,6 +53,8 @@ __all__ = [
     "HalfPrecisionModel",
     "half_precision_model",
     "running_var_in_half",
+    "momentum_port",
+    "accumulation_gap",
 ]
 
 SHIFTS: dict[str, float] = {"brightness": 0.5, "contrast": 0.3, "noise": 0.4}
@@ -111,10 +115,6 @@ def pretrain(
 def _fit(model: nn.Module, data: Dataset, **options) -> float:
     """Train with :func:`bncourse.training.train`, no evaluations on the way; test accuracy."""
     return train(model, data, eval_every=0, **options).final_test_accuracy
-
-
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == labels.to(logits.device)).double().mean())
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -496,3 +496,68 @@ def running_var_in_half(
             x = torch.randn(batch_size, layer.num_features, generator=generator) * scale
             layer(x.to(layer.running_var.dtype))
     return layer.running_var.detach().clone()
+
+
+def momentum_port(
+    model: nn.Module,
+    data: Dataset,
+    momenta: tuple[float, ...] = (0.99, 0.01),
+    num_batches: int = 20,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict[float, float]:
+    """Test accuracy after ``num_batches`` training-mode passes with each PyTorch momentum.
+
+    A stand-in for a short fine-tuning run of a model ported from Keras: each copy of ``model``
+    gets the given ``momentum`` in every batch norm, sees ``num_batches`` training batches of
+    ``batch_size`` in training mode (no parameter update: only the running statistics move)
+    and is evaluated. Keras' default 0.99 copied literally into PyTorch makes the running
+    statistics those of the last batch; the converted 0.01 keeps them smooth.
+    """
+    device = _device_of(model)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.as_tensor(data.x_train, device=device)
+    result = {}
+    for momentum in momenta:
+        copy_ = copy.deepcopy(model).train()
+        for bn in batch_norm_modules(copy_):
+            bn.momentum = momentum
+        with torch.no_grad():
+            for _ in range(num_batches):
+                index = torch.randint(0, len(x), (batch_size,), generator=generator)
+                copy_(x[index.to(device)])
+        result[momentum] = evaluate(copy_, data.x_test, data.y_test)[1]
+    return result
+
+
+def accumulation_gap(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 4
+) -> tuple[float, int]:
+    """How far gradient accumulation over micro-batches is from one large batch, with BN.
+
+    Computes the gradient of the mean cross-entropy over ``(x, y)`` in one training-mode pass,
+    and accumulated over ``micro_batches`` equal slices (each loss divided by their number), on
+    two copies of ``model``. Without batch norm the two are equal up to rounding; with it each
+    slice is normalised with its own statistics.
+
+    Returns
+    -------
+    relative_difference : float
+        ``|g_accumulated - g_full| / |g_full|`` over all parameters.
+    running_updates : int
+        How many times the first batch norm's statistics were updated by the accumulation
+        (``micro_batches``, against 1 for the large batch).
+    """
+    layers = batch_norm_modules(model)
+    start = int(layers[0].num_batches_tracked) if layers else 0
+    gradients = []
+    for slices in (1, micro_batches):
+        copy_ = copy.deepcopy(model).train()
+        copy_.zero_grad(set_to_none=True)
+        for xs, ys in zip(x.chunk(slices), y.chunk(slices), strict=True):
+            (F.cross_entropy(copy_(xs), ys) / slices).backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in copy_.parameters()]))
+        copy_layers = batch_norm_modules(copy_)
+        updates = int(copy_layers[0].num_batches_tracked) - start if copy_layers else 0
+    full, accumulated = gradients
+    return float((accumulated - full).norm() / full.norm()), updates
