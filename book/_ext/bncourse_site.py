@@ -28,13 +28,19 @@ It does these things:
 4. **The reading experience** (CONTRIBUTING.md): the book's style sheet
    ``book/_static/bncourse.css`` (figures, phones, check cells, solution titles), and code cells
    shown without nbgrader's ``### BEGIN SOLUTION`` / ``### END SOLUTION`` lines.
-5. **No CDN script.** sphinx-thebe (which Jupyter Book always loads) puts the address of thebe on
+5. **The package's code on the page**: ``{bncourse-code} bncourse.numpy_bn.batch_norm_forward``
+   shows a function (or class) of the package as the package has it, without its docstring
+   (``:docstring:`` keeps it), so a chapter shows the reference code rather than a copy.
+6. **No CDN script.** sphinx-thebe (which Jupyter Book always loads) puts the address of thebe on
    unpkg.com into every page, twice; this book does not use thebe (live code in the page), so its
    scripts are left out of the pages, and any script left is loaded once.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
 import json
 import os
 import posixpath
@@ -389,6 +395,52 @@ class ExerciseTable(SphinxDirective):
         return [table, summary]
 
 
+# --- the package's code ------------------------------------------------------------------------
+
+
+def source_without_docstring(source: str) -> str:
+    """The source of one function or class, its docstring (if any) left out."""
+    source = inspect.cleandoc("\n" + source) if source[:1].isspace() else source
+    tree = ast.parse(source)
+    definition = tree.body[0]
+    body = getattr(definition, "body", [])
+    if not (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
+        return source.rstrip()
+    lines = source.splitlines()
+    start, end = body[0].lineno - 1, body[0].end_lineno
+    return "\n".join(lines[:start] + lines[end:]).rstrip()
+
+
+class PackageCode(SphinxDirective):
+    """``{bncourse-code} module.name``: the package's source of ``name``, docstring left out."""
+
+    required_arguments = 1
+    option_spec = {"docstring": lambda argument: True}
+
+    def run(self) -> list[nodes.Node]:
+        module_name, _, name = self.arguments[0].rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+            obj = module
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            source = inspect.getsource(obj)
+        except (ImportError, AttributeError, OSError, TypeError) as err:
+            raise self.error(f"bncourse-code: cannot show {self.arguments[0]}: {err}") from err
+        self.env.note_dependency(inspect.getsourcefile(obj))
+        if "docstring" not in self.options:
+            source = source_without_docstring(source)
+        block = nodes.literal_block(source, source, language="python")
+        block["classes"].append("package-code")
+        self.set_source_info(block)
+        return [block]
+
+
 def setup(app: Sphinx) -> dict:
     app.add_config_value("bncourse_hide_solutions", False, "env")
     app.add_css_file(STYLESHEET)
@@ -399,4 +451,5 @@ def setup(app: Sphinx) -> dict:
     app.connect("build-finished", copy_mathjax)
     app.connect("html-page-context", clean_scripts, priority=900)
     app.add_directive("bncourse-exercises", ExerciseTable)
+    app.add_directive("bncourse-code", PackageCode)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
