@@ -593,8 +593,10 @@ def launch(
     process group, and return what each rank returned.
 
     The processes are started with the ``spawn`` method, so ``fn`` must be importable (defined
-    at the top level of a module, not in a notebook). The group rendezvous on a free TCP port
-    of 127.0.0.1 (gloo binds to the loopback interface).
+    at the top level of a module, not in a notebook), and a script that calls ``launch`` must
+    do so under ``if __name__ == "__main__":``. The group rendezvous on a free TCP port of
+    127.0.0.1 (gloo binds to the loopback interface); if another program takes that port
+    before rank 0 binds it, ``launch`` tries again with another (three tries).
 
     Parameters
     ----------
@@ -626,19 +628,45 @@ def launch(
     TimeoutError
         If the ranks did not all finish within ``timeout`` seconds.
     """
-    import torch.multiprocessing as mp
-
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if timeout <= 0 or group_timeout <= 0:
         raise ValueError(f"timeouts must be positive, got {timeout} and {group_timeout}")
+    for attempt in range(3):
+        try:
+            return _launch_once(
+                fn, world_size, tuple(args), timeout, group_timeout, backend, threads
+            )
+        except _PortTaken:  # another program took the free port before rank 0 bound it
+            if attempt == 2:
+                raise RuntimeError(
+                    "launch: no free port for the rendezvous after 3 tries"
+                ) from None
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _launch_once(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple,
+    timeout: float,
+    group_timeout: float,
+    backend: str,
+    threads: int,
+) -> list[Any]:
+    import torch.multiprocessing as mp
+
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = find_free_port()
     processes = [
         context.Process(
             target=_worker,
-            args=(rank, world_size, port, backend, group_timeout, threads, fn, tuple(args), queue),
+            args=(rank, world_size, port, backend, group_timeout, threads, fn, args, queue),
             daemon=True,
         )
         for rank in range(world_size)
@@ -677,6 +705,8 @@ def launch(
                 process.join()
     errors = {r: payload for r, (status, payload) in results.items() if status == "error"}
     if errors:
+        if any("address already in use" in e.lower() for e in errors.values()):
+            raise _PortTaken()
         first = min(errors)
         raise RuntimeError(f"launch: rank {first} of {world_size} failed:\n{errors[first]}")
     return [pickle.loads(results[r][1]) for r in range(world_size)]
