@@ -9,7 +9,6 @@ from torch import nn
 
 from bncourse.batch_variants import BatchRenorm, GhostBatchNorm
 from bncourse.experiments import ch8
-from bncourse.training import train
 
 SEEDS = (0, 1, 2, 3)
 
@@ -45,33 +44,23 @@ def test_class_sorted_batches_have_one_class_per_device():
         ch8.class_sorted_batches(labels, 30, 4, steps=1)
 
 
-def test_dataset_for_batches_makes_train_draw_the_given_batches():
-    from bncourse.data import BatchSampler, load_digits
-
-    data = load_digits()
-    wanted = ch8.class_sorted_batches(data.y_train, 8, 4, steps=6, seed=3)
-    laid_out = ch8.dataset_for_batches(data, wanted, 8, seed=5)
-    assert laid_out.num_train == 48
-    drawn = BatchSampler(laid_out.num_train, 8, seed=5).take(6)  # what train draws
-    for batch, expected in zip(drawn, wanted, strict=True):
-        np.testing.assert_array_equal(laid_out.x_train[batch], data.x_train[expected])
-        np.testing.assert_array_equal(laid_out.y_train[batch], data.y_train[expected])
-    np.testing.assert_array_equal(laid_out.x_test, data.x_test)
-    # and train does draw them: record the labels it sees
+def test_sorted_training_sees_one_class_per_device(monkeypatch):
     seen = []
-    model = ch8.make_model("gn", seed=0)
-    train(
-        model,
-        laid_out,
-        steps=6,
-        batch_size=8,
-        seed=5,
-        eval_every=0,
-        device="cpu",
-        callback=lambda step, model, inputs, labels: seen.append(labels.numpy().copy()),
-    )
-    for labels, expected in zip(seen, wanted, strict=True):
-        np.testing.assert_array_equal(labels, data.y_train[expected])
+    original = ch8.train
+
+    def recording_train(*args, **kwargs):
+        kwargs["callback"] = lambda step, model, inputs, labels: seen.append(labels.cpu())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ch8, "train", recording_train)
+    ch8.train_per_device("gn", 4, steps=5, sorted_by_class=True, seed=1)
+    assert len(seen) == 5
+    for labels in seen:
+        per_device = labels.view(8, 4)
+        assert torch.all(per_device == per_device[:, :1])
+    seen.clear()
+    ch8.train_per_device("bn", None, steps=3, sorted_by_class=True, class_block=8, seed=1)
+    assert all(torch.all(labels.view(4, 8) == labels.view(4, 8)[:, :1]) for labels in seen)
 
 
 def test_statistics_noise_follows_one_over_sqrt_m():

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bncourse.batch_variants import GhostBatchNorm, to_batch_variant
-from bncourse.data import BatchSampler, Dataset, load_digits
+from bncourse.data import Dataset, load_digits
 from bncourse.distributed import SyncBatchNorm, collective_numbers, launch, replace_batch_norms
 from bncourse.models import make_cnn, make_mlp
 from bncourse.training import train
@@ -33,7 +33,6 @@ __all__ = [
     "accumulation_experiment",
     "batch_size_one_experiment",
     "class_sorted_batches",
-    "dataset_for_batches",
     "make_model",
     "per_device_sweep",
     "run_sync_demo",
@@ -162,40 +161,6 @@ def class_sorted_batches(
     return batches
 
 
-def dataset_for_batches(
-    data: Dataset, batches: list[np.ndarray], batch_size: int, seed: int
-) -> Dataset:
-    """A training split laid out so that :func:`bncourse.training.train` draws ``batches``.
-
-    ``train`` draws its mini-batches with ``BatchSampler(num_train, batch_size, seed)``. With
-    ``len(batches) * batch_size`` training rows, the sampler's first epoch covers every row
-    exactly once in ``len(batches)`` batches; putting ``data``'s example ``batches[t][j]`` in the
-    row the sampler draws as the ``j``-th of batch ``t`` makes ``train(..., steps=len(batches),
-    batch_size=batch_size, seed=seed)`` see exactly ``batches``, in order. The test split is
-    unchanged.
-
-    Parameters
-    ----------
-    data : Dataset
-    batches : list of np.ndarray
-        Index arrays into ``data``'s training split, each of length ``batch_size``.
-    batch_size, seed : int
-        The ``batch_size`` and ``seed`` that ``train`` will be called with.
-
-    Returns
-    -------
-    Dataset
-    """
-    wanted = np.stack([np.asarray(b, dtype=np.int64) for b in batches])
-    if wanted.shape[1] != batch_size:
-        raise ValueError(f"every batch must have batch_size={batch_size} examples")
-    rows = wanted.size
-    drawn = np.stack(BatchSampler(rows, batch_size, seed=seed).take(len(batches)))
-    order = np.empty(rows, dtype=np.int64)
-    order[drawn.ravel()] = wanted.ravel()
-    return dataclasses.replace(data, x_train=data.x_train[order], y_train=data.y_train[order])
-
-
 def train_per_device(
     norm: str = "bn",
     per_device: int | None = None,
@@ -250,7 +215,7 @@ def train_per_device(
         )
     history = train(
         model,
-        data if batches is None else dataset_for_batches(data, batches, batch_size, seed),
+        data,
         steps=steps,
         batch_size=batch_size,
         lr=lr,
@@ -258,6 +223,7 @@ def train_per_device(
         seed=seed,
         eval_every=0,
         device=device,
+        batches=batches,
     )
     return RunResult(
         norm=norm,
