@@ -267,6 +267,24 @@ def instance_norm(
 # ---------------------------------------------------------------------------------------------
 
 
+def _register_affine(
+    module: nn.Module, shape: tuple[int, ...], affine: bool, bias: bool, factory: dict
+) -> None:
+    """Register ``weight`` (and ``bias`` when asked) of ``shape``, or None, as torch.nn does."""
+    weight = nn.Parameter(torch.empty(shape, **factory)) if affine else None
+    module.register_parameter("weight", weight)
+    shift = nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None
+    module.register_parameter("bias", shift)
+
+
+def _reset_affine(module: nn.Module) -> None:
+    """``weight`` to 1 and ``bias`` to 0 (where they exist)."""
+    if module.weight is not None:
+        nn.init.ones_(module.weight)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+
+
 class LayerNorm(nn.Module):
     """Drop-in :class:`torch.nn.LayerNorm`: normalise each example over ``normalized_shape``.
 
@@ -299,23 +317,12 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         factory = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _register_affine(self, self.normalized_shape, elementwise_affine, bias, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """``weight`` to 1 and ``bias`` to 0."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        _reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         """(*, *normalized_shape) -> the same shape."""
@@ -417,23 +424,12 @@ class GroupNorm(nn.Module):
         self.eps = eps
         self.affine = affine
         factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _register_affine(self, (num_channels,), affine, bias, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """``weight`` to 1 and ``bias`` to 0."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        _reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         """(N, C, *) -> the same shape."""
@@ -488,12 +484,7 @@ class _InstanceNorm(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         factory = {"device": device, "dtype": dtype}
-        weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.register_parameter("weight", weight)
-        has_bias = affine and bias
-        self.register_parameter(
-            "bias", nn.Parameter(torch.empty(num_features, **factory)) if has_bias else None
-        )
+        _register_affine(self, (num_features,), affine, bias, factory)
         stats = {"running_mean": None, "running_var": None, "num_batches_tracked": None}
         if track_running_stats:
             stats = {
@@ -515,10 +506,7 @@ class _InstanceNorm(nn.Module):
     def reset_parameters(self) -> None:
         """Reset the running statistics, ``weight`` to 1 and ``bias`` to 0."""
         self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        _reset_affine(self)
 
     def extra_repr(self) -> str:
         return (

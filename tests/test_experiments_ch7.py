@@ -106,6 +106,7 @@ def test_residual_training_claims(seed):
         name: h.final_test_accuracy
         for name, h in ch7.residual_training(num_blocks=8, channels=8, seed=seed).items()
     }
-    assert accuracy["BN, pre-act."] > 0.85
-    assert accuracy["NF (scaled WS)"] > 0.85
+    assert min(accuracy.values()) > 0.55
+    for name in ("BN, post-act.", "BN, post-act., zero gamma", "BN, pre-act.", "NF (scaled WS)"):
+        assert accuracy[name] > 0.8, name
     assert accuracy["NF (scaled WS)"] > accuracy["BN, pre-act."] - 0.05

@@ -124,6 +124,11 @@ def batch_dependence(
     return rows
 
 
+def _train(model: nn.Module, data: Dataset, seed: int, **options) -> TrainingHistory:
+    """The book's training loop on the CPU, test accuracy every 50 steps."""
+    return train(model, data, seed=seed, device="cpu", eval_every=50, **options)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sequences: why transformers use LayerNorm
 
@@ -265,16 +270,8 @@ def sequence_experiment(
             vocab, max_len, data.num_classes, d_model, 2, num_layers, norm, seed=seed
         )
         shift = _first_norm_statistics_shift(model, torch.tensor(data.x_train[:batch_size]))
-        history = train(
-            model,
-            data,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer="adam",
-            seed=seed,
-            device="cpu",
-            eval_every=50,
+        history = _train(
+            model, data, seed, steps=steps, batch_size=batch_size, lr=lr, optimizer="adam"
         )
         trained = copy.deepcopy(model.state_dict())  # the probes below move running stats
         disagreement = _train_eval_disagreement(model, data, batch_size)
@@ -358,16 +355,14 @@ def placement_experiment(
         else:
             raise ValueError(f"net must be 'mlp' or 'cnn', got {net!r}")
         model = PlacementNet(base, placement)
-        history = train(
+        history = _train(
             model,
             data,
+            seed,
             steps=steps,
             batch_size=batch_size,
             lr=lr,
             momentum=0.9,
-            seed=seed,
-            device="cpu",
-            eval_every=50,
             record_every=50,
             record_layers=[-1],
         )
@@ -433,15 +428,7 @@ def residual_training(
     histories = {}
     for name in variants:
         model = ResNet(num_blocks, channels, **RESIDUAL_VARIANTS[name], seed=seed)
-        histories[name] = train(
-            model,
-            data,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer="adam",
-            seed=seed,
-            device="cpu",
-            eval_every=50,
+        histories[name] = _train(
+            model, data, seed, steps=steps, batch_size=batch_size, lr=lr, optimizer="adam"
         )
     return histories
