@@ -130,6 +130,11 @@ def withhold_solution_directives(markdown: str, where: str = "markdown") -> tupl
         body_end = next((j for j in range(i, len(lines)) if closing.match(lines[j])), None)
         if body_end is None:
             raise ValueError(f"{where}: the {{solution}} directive is never closed in\n{markdown}")
+        if match["name"] == "solution-start" and not "".join(lines[i:body_end]).strip():
+            out.extend(lines[i : body_end + 1])  # no body: the text follows the directive
+            count += 1
+            i = body_end + 1
+            continue
         out.extend(["", match["indent"] + WITHHELD, lines[body_end]])
         count += 1
         i = body_end + 1

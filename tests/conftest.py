@@ -7,22 +7,26 @@ import re
 import pytest
 
 _FENCE = re.compile(r"^\s*(`{3,}|~{3,}|:{3,})\{solution(-start)?\}")
+_GATE_END = re.compile(r"^\s*(`{3,}|~{3,}|:{3,})\{solution-end\}")
 
 
 def _solution_lines(notebook: dict) -> set[str]:
     """Every line of a notebook's reference solutions, stripped, that appears nowhere else in it.
 
-    Solutions are the lines between ``BEGIN SOLUTION`` and ``END SOLUTION`` in any cell and the
-    bodies of ``{solution}`` and ``{solution-start}`` directives (after the ``:option:`` lines).
-    A line that the notebook also holds outside its solutions (say ``return x``) reveals nothing
-    and is left out.
+    Solutions are the lines between ``BEGIN SOLUTION`` and ``END SOLUTION`` in any cell, the
+    bodies of ``{solution}`` directives (after the ``:option:`` lines), and the markdown text of
+    a gated solution (between the ``{solution-start}`` directive and ``{solution-end}``, across
+    cells). A line that the notebook also holds outside its solutions (say ``return x``)
+    reveals nothing and is left out.
     Written independently of ``bncourse.student`` on purpose.
     """
     inside, outside = set(), set()
+    gated = False  # after a {solution-start}, before its {solution-end}
     for cell in notebook["cells"]:
         source = cell["source"]
         lines = ("".join(source) if isinstance(source, list) else source).splitlines()
-        region, fence, options = False, None, False
+        markdown = cell["cell_type"] == "markdown"
+        region, fence, options, opens_gate = False, None, False, False
         for line in lines:
             text = line.strip()
             if "BEGIN SOLUTION" in line:
@@ -31,15 +35,21 @@ def _solution_lines(notebook: dict) -> set[str]:
                 region = False
             elif fence is None and (match := _FENCE.match(line)):
                 fence, options = match.group(1), True
+                opens_gate = match.group(2) is not None
+                outside.add(text)
+            elif fence is None and _GATE_END.match(line):
+                gated = False
                 outside.add(text)
             elif fence is not None and set(text) == {fence[0]} and len(text) >= len(fence):
                 fence = None
+                gated = gated or opens_gate
                 outside.add(text)
             elif fence is not None and options and (text.startswith(":") or not text):
                 outside.add(text)
             else:
                 options = False
-                (inside if region or fence is not None else outside).add(text)
+                hidden = region or fence is not None or (gated and markdown)
+                (inside if hidden else outside).add(text)
     return {line for line in inside - outside if line}
 
 

@@ -49,6 +49,24 @@ def test_notebook_listed_in_toc(path: Path):
 # tests/test_site.py measures the built pages) ---------------------------------------------------
 
 MAX_CODE_LINE = 75  # characters; the code box shows about 77 at 1280 px
+_FENCE_OPEN = re.compile(r"^\s*(`{3,}|~{3,}|:{3,})\{solution-start\}")
+
+
+def _solution_start_has_body(markdown: str) -> bool:
+    """Whether a {solution-start} fence holds anything but its options (the site drops it)."""
+    lines = markdown.splitlines()
+    for index, line in enumerate(lines):
+        match = _FENCE_OPEN.match(line)
+        if not match:
+            continue
+        for following in lines[index + 1 :]:
+            text = following.strip()
+            if text.startswith(":") or not text:
+                continue
+            if set(text) == {match.group(1)[0]} and len(text) >= len(match.group(1)):
+                break
+            return True
+    return False
 
 
 def _cells(path: Path) -> list[dict]:
@@ -144,6 +162,11 @@ def test_coding_solutions_are_inside_their_dropdown(path: Path):
         if cell["cell_type"] == "markdown":
             if "{solution-start}" in text:
                 inside = True
+                if _solution_start_has_body(text):
+                    problems.append(
+                        f"cell {index}: text inside the {{solution-start}} fence (it is "
+                        "dropped from the site): put it after the closing fence"
+                    )
             if "{solution-end}" in text:
                 inside = False
         elif cell.get("metadata", {}).get("nbgrader", {}).get("solution") and not inside:

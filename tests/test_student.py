@@ -146,8 +146,8 @@ def test_withholds_gated_solutions_across_cells():
         _cell("markdown", "```{exercise} E\n:label: ex-1-1\n\nDo it.\n```"),
         _cell(
             "markdown",
-            "````{solution-start} ex-1-1\n:label: sol-1-1\n:class: dropdown\n\n"
-            "The secret idea.\n````",
+            "````{solution-start} ex-1-1\n:label: sol-1-1\n:class: dropdown\n````\n\n"
+            "The secret idea.",
         ),
         _cell(
             "code",
