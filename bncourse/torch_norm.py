@@ -62,15 +62,15 @@ class _Normalize(torch.autograd.Function):
     def forward(ctx, input, weight, bias, dims, eps, center):
         x = input.to(_compute_dtype(input.dtype))
         if center:
-            variance, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-            inv_std = torch.rsqrt(variance + eps)
-            x_hat = (x - mean) * inv_std
-        else:  # the mean square in place of the variance
-            inv_std = torch.rsqrt(x.square().mean(dim=dims, keepdim=True) + eps)
-            x_hat = x * inv_std
-        y = x_hat if weight is None else x_hat * weight
-        if bias is not None:
-            y = y + bias
+            x = x - x.mean(dim=dims, keepdim=True)
+        variance = (x * x).mean(dim=dims, keepdim=True)  # biased, or the mean square
+        inv_std = torch.rsqrt(variance + eps)
+        # x_hat; in place where x is already a tensor of our own (centred or converted)
+        x_hat = x.mul_(inv_std) if x is not input else x * inv_std
+        if weight is None:
+            y = x_hat if bias is None else x_hat + bias
+        else:
+            y = x_hat * weight if bias is None else torch.addcmul(bias, x_hat, weight)
         ctx.save_for_backward(x_hat, inv_std, weight)
         ctx.dims, ctx.center = dims, center
         ctx.bias_shape = None if bias is None else bias.shape
@@ -82,15 +82,16 @@ class _Normalize(torch.autograd.Function):
         x_hat, inv_std, weight = ctx.saved_tensors
         dims = ctx.dims
         dy_out = dy.to(x_hat.dtype)
-        g = dy_out if weight is None else dy_out * weight
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
+            g = dy_out * weight if weight is not None else dy_out.clone()
             # dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma; no mean(g) without centring
             projection = (g * x_hat).mean(dim=dims, keepdim=True)
-            dx = torch.addcmul(g, x_hat, projection, value=-1)
-            if ctx.center:
-                dx -= g.mean(dim=dims, keepdim=True)
-            dx = (dx * inv_std).to(dy.dtype)
+            g_mean = g.mean(dim=dims, keepdim=True) if ctx.center else None
+            dx = g.addcmul_(x_hat, projection, value=-1)  # g is ours: update it in place
+            if g_mean is not None:
+                dx.sub_(g_mean)
+            dx = dx.mul_(inv_std).to(dy.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = _sum_to_shape(dy_out * x_hat, weight.shape).to(weight.dtype)
         if ctx.bias_shape is not None and ctx.needs_input_grad[2]:

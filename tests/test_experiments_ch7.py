@@ -59,17 +59,19 @@ def test_sequence_claims(seed):
         assert runs[norm].batch_change > 0.05
         assert runs[norm].train_eval_disagreement > 0
         assert final_loss[norm] > 1.2 * max(final_loss["ln"], final_loss["rms"])
+    assert min(r.history.final_test_accuracy for r in runs.values()) > 0.9
 
 
 def test_norm_timing_keys_and_rms_cheaper_in_the_same_code():
-    timing = ch7.norm_timing(shape=(8, 64, 256), repeats=9)
+    timing = ch7.norm_timing(shape=(16, 128, 512), repeats=15)
     assert set(timing) == {
         "LayerNorm (bncourse)",
         "RMSNorm (bncourse)",
         "LayerNorm (torch)",
         "RMSNorm (torch)",
     }
-    assert timing["RMSNorm (bncourse)"] < 0.9 * timing["LayerNorm (bncourse)"]
+    assert timing["RMSNorm (bncourse)"] < 0.95 * timing["LayerNorm (bncourse)"]
+    assert timing["RMSNorm (torch)"] > timing["LayerNorm (torch)"]  # composite vs fused (CPU)
 
 
 @pytest.mark.slow
@@ -97,15 +99,16 @@ def test_stream_variance_claims(seed):
     for name in ("BN, post-act., zero gamma", "SkipInit", "Fixup"):
         np.testing.assert_allclose(rel[name], 1.0, rtol=1e-5)
     assert rel["NF (scaled WS)"][16] < 2.5
+    assert rel["GN + WS, pre-act."][16] > 20 * 16
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_residual_training_claims(seed):
-    accuracy = {
-        name: h.final_test_accuracy
-        for name, h in ch7.residual_training(num_blocks=8, channels=8, seed=seed).items()
-    }
+    histories = ch7.residual_training(num_blocks=8, channels=8, seed=seed)
+    accuracy = {name: h.final_test_accuracy for name, h in histories.items()}
+    final_loss = {name: float(h.train_loss[-25:].mean()) for name, h in histories.items()}
+    assert max(final_loss, key=final_loss.get) == "GN + WS, pre-act."
     assert min(accuracy.values()) > 0.55
     for name in ("BN, post-act.", "BN, post-act., zero gamma", "BN, pre-act.", "NF (scaled WS)"):
         assert accuracy[name] > 0.8, name

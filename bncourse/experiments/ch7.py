@@ -283,7 +283,7 @@ def sequence_experiment(
 
 
 def norm_timing(
-    shape: tuple[int, ...] = (16, 128, 256), repeats: int = 15, seed: int = 0
+    shape: tuple[int, ...] = (16, 128, 512), repeats: int = 15, seed: int = 0
 ) -> dict[str, float]:
     """Median CPU time (ms) of forward + backward of LayerNorm and RMSNorm over the last dim.
 
