@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +27,7 @@ from bncourse.data import Dataset, load_digits
 from bncourse.models import make_cnn, make_mlp
 from bncourse.torch_bn import BatchNorm1d
 from bncourse.training import TrainingHistory, train
+from bncourse.utils import interleaved_times, torch_threads
 
 __all__ = [
     "FAMILY",
@@ -288,8 +287,9 @@ def norm_timing(
     """Median CPU time (ms) of forward + backward of LayerNorm and RMSNorm over the last dim.
 
     Times this package's modules (the same code, with and without centring) and PyTorch's,
-    interleaved (one call of each in turn, ``repeats`` rounds) on one thread, with
-    :func:`time.process_time` so that other processes on the machine count less.
+    interleaved (:func:`bncourse.utils.interleaved_times`, ``repeats`` rounds after two
+    warm-up calls) on one thread, in CPU time so that other processes on the machine count
+    less.
     """
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator).requires_grad_(True)
@@ -301,18 +301,10 @@ def norm_timing(
         "LayerNorm (torch)": nn.LayerNorm(width),
         "RMSNorm (torch)": nn.RMSNorm(width),
     }
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(repeats + 2):  # two warm-up rounds, dropped below
-            for name, layer in layers.items():
-                start = time.process_time()
-                layer(x).backward(dy)
-                times[name].append(time.process_time() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return {name: 1e3 * statistics.median(t[2:]) for name, t in times.items()}
+    calls = {name: (lambda layer=layer: layer(x).backward(dy)) for name, layer in layers.items()}
+    with torch_threads(1):
+        times = interleaved_times(calls, repeats=repeats, warmup=2, clock="cpu")
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------
