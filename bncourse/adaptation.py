@@ -26,11 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bncourse.inference import (
-    _batch_input,
-    batch_norm_modules,
-    recompute_population_statistics,
-)
+from bncourse.inference import batch_norm_modules, recompute_population_statistics
 
 __all__ = ["adapt_batch_norm", "entropy", "configure_tent", "tent", "TentResult"]
 
@@ -63,6 +59,11 @@ def adapt_batch_norm(model: nn.Module, batches: Iterable[Any], inplace: bool = T
         model = copy.deepcopy(model)
     recompute_population_statistics(model, batches)
     return model
+
+
+def _batch_input(batch: Any) -> Tensor:
+    """The input of a batch given as a tensor, an array or an ``(x, ...)`` tuple."""
+    return torch.as_tensor(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 
 def entropy(logits: Tensor) -> Tensor:
