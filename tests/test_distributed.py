@@ -190,6 +190,13 @@ def _three_rank_worker(rank, world_size):
     groups = [dist.new_group([0, 1]), dist.new_group([2])]
     group = groups[0] if rank < 2 else groups[1]
     out["subgroup"] = _sync_case(rank, (3, 4, 5), (), seed=14, group=group)
+    # misuse: a layer whose group does not hold this rank
+    if rank == 2:
+        try:
+            SyncBatchNorm(3, process_group=groups[0])(torch.randn(4, 3))
+            out["not_member"] = "no error"
+        except RuntimeError as error:
+            out["not_member"] = str(error)
     dist.barrier()
     return out
 
@@ -289,6 +296,10 @@ def test_subgroup_synchronises_only_within_itself(three_ranks):
     torch.testing.assert_close(results[2]["y"], expected["y"], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(results[2]["running_var"], expected["running_var"])
     assert not torch.allclose(results[2]["running_mean"], results[0]["running_mean"])
+
+
+def test_a_rank_outside_the_layers_group_gets_a_clear_error(three_ranks):
+    assert "not a member of the layer's process_group" in three_ranks[2]["not_member"]
 
 
 def test_eval_mode_does_not_communicate(two_ranks):
