@@ -109,3 +109,11 @@ def test_tent_errors():
         tent(model, [torch.randn(4, 5)], optimizer="rmsprop")
     with pytest.raises(ValueError, match="no batch-norm"):
         configure_tent(nn.Linear(2, 2))
+
+
+def test_tent_takes_tuples_and_arrays():
+    model = _model("bncourse")
+    x = torch.randn(12, 5)
+    expected = tent(model, [x], lr=0.0).logits
+    torch.testing.assert_close(tent(model, [(x, torch.zeros(12))], lr=0.0).logits, expected)
+    torch.testing.assert_close(tent(model, [x.numpy()], lr=0.0).logits, expected)
