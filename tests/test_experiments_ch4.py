@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from bncourse.data import load_digits
 from bncourse.experiments import ch4
+from bncourse.models import make_mlp
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,34 @@ def test_statistics_over_training():
     assert np.all(result.variance_error["recomputed"] < 1e-4)
     slow, fast = (result.variance_error[f"moving average, momentum {m}"][-1] for m in (0.01, 0.1))
     assert slow > fast  # the slow average lags more
+
+
+def test_statistics_over_training_measures_against_the_population():
+    result = ch4.statistics_over_training(
+        steps=2, momenta=(0.1,), eval_every=2, depth=1, width=8, seed=0, device="cpu"
+    )
+    # at step 0 the moving average still holds its start, variance 1; the population variance
+    # of the first BN's input is that of the initial network's first layer on the training split
+    model = make_mlp(64, 10, depth=1, width=8, activation="relu", norm="bn", bn_impl="torch",
+                     seed=0)  # fmt: skip
+    x_train = torch.as_tensor(load_digits(seed=0).x_train)
+    with torch.no_grad():
+        true_var = model.hidden[0].linear(x_train).var(dim=0, unbiased=True)
+    expected = float(torch.log(1.0 / true_var).abs().mean())
+    got = result.variance_error["moving average, momentum 0.1"][0]
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_finetuning_with_frozen_batch_norm_keeps_its_statistics():
+    data = load_digits(seed=0)
+    model = make_mlp(64, 10, depth=1, width=8, norm="bn", bn_impl="torch", seed=0)
+    bn = model.hidden[0].norm
+    mean, weight = bn.running_mean.clone(), model.hidden[0].linear.weight.detach().clone()
+    ch4._sgd_steps(model, data, 16, 5, 0.1, 0, freeze_batch_norm=True)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=0, atol=0)
+    assert not torch.equal(model.hidden[0].linear.weight, weight) and model.training
+    ch4._sgd_steps(model, data, 16, 5, 0.1, 0)
+    assert not torch.equal(bn.running_mean, mean)
 
 
 def test_experiments_restore_the_thread_count():

@@ -251,7 +251,8 @@ class _ShadowAverages:
 
     def _hook(self, layer_index: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            if not module.training:
+            # deep copies of the model carry the hook too: only the tracked layers count
+            if not module.training or module is not self.layers[layer_index]:
                 return
             with torch.no_grad():
                 x = inputs[0].detach().transpose(0, 1).reshape(inputs[0].shape[1], -1)
