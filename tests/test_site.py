@@ -480,7 +480,8 @@ def test_bibliography_lists_the_references(open_page):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CHAPTERS)
 def test_chapter_page(name: str, open_page):
-    """Launch buttons, the repository button, solution dropdowns that open; a screenshot."""
+    """Launch buttons, the repository button, solution dropdowns that open (by their title,
+    without jumping to the exercise). Screenshots: test_reading_experience."""
     page, visit = open_page(_page_path(name))
     notebook = f"{name}.ipynb"
     colab = page.locator(f'a[href^="https://colab.research.google.com/"][href$="{notebook}"]')
@@ -502,15 +503,15 @@ def test_chapter_page(name: str, open_page):
         solution = solutions.nth(index)
         content = solution.locator("section#solution-content")
         assert content.is_hidden(), f"{name}: solution {index + 1} is not collapsed"
-        solution.locator("button.toggle-button").click()
-        content.wait_for(state="visible", timeout=5_000)
+        if index == 0:  # the title opens the dropdown; its link does not jump to the exercise
+            address = page.url
+            solution.locator("p.admonition-title").click()
+            content.wait_for(state="visible", timeout=5_000)
+            assert page.url == address, f"{name}: the solution's title jumped to {page.url}"
+        else:
+            solution.locator("button.toggle-button").click()
+            content.wait_for(state="visible", timeout=5_000)
 
-    _wait_for_mathjax(page)
-    page.evaluate("() => { document.activeElement?.blur(); window.scrollTo(0, 0); }")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    shot = SCREENSHOTS / f"{name.replace('/', '_')}.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
     assert not visit.page_errors, visit.page_errors
 
 
@@ -853,7 +854,9 @@ def test_reading_experience(name: str, width: int, browser, server, site: Build)
             reading.problems.append("no key-takeaways box")
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shot = SCREENSHOTS / f"{name.replace('/', '_')}-{width}.png"
+        page.evaluate("() => { document.activeElement?.blur(); window.scrollTo(0, 0); }")
         page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
     finally:
         context.close()
     print(json.dumps(reading.summary()))
