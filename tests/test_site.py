@@ -8,6 +8,14 @@ no console error, no failed request and no request to any other host, all images
 math typeset by the MathJax copy the site serves itself. Chapter pages also need their launch
 buttons and a working solution dropdown, and the search page must find chapter content.
 
+The reading experience (CONTRIBUTING.md, "The reading experience") is measured on every chapter
+page at 1280 and 390 CSS px (``test_reading_experience``): figure text size (from the image's
+rendered width, the PNG's dpi and the book style's smallest font size), numbered captions and
+alt text, code boxes that scroll sideways (at 1280 px), asserts outside the collapsed check
+cells, solution code outside its dropdown, nbgrader markers, warnings or stderr in outputs,
+sideways scrolling of the page, and the key-takeaways box; every violation is listed, page by
+page. Full-page screenshots at both widths land in ``_build/screenshots/``.
+
 The solution-free site (``BNCOURSE_HIDE_SOLUTIONS=1``, see book/instructors.md) is built a
 second time from the first build's execution cache, so no notebook runs twice, and must hold
 no line of any reference solution and no way to the notebooks' sources.
