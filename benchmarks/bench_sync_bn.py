@@ -19,13 +19,13 @@ numbers from each other rank; that is printed apart.
 Medians over ``--repeats`` repetitions of rank 0 are printed (milliseconds), with the load average:
 on a shared machine the absolute times vary a lot between runs, the byte counts do not.
 
-Measured on 2026-12-05 (torch 2.13 CPU, 2 ranks on a shared 2-core machine, load average 12;
+Measured on 2026-12-05 (torch 2.13 CPU, 2 ranks on a shared 2-core machine, load average 8.6;
 32 x C x 16 x 16 float32 per rank, medians of 30)::
 
         C   sync ms  local ms  coll. ms  fwd bytes    min  bwd bytes    min  fwd received
-       16     3.678     0.560     0.403        132    132        128    128           132
-       64    17.517     2.116     2.719        516    516        512    512           516
-      256    84.340    37.872     0.812       2052   2052       2048   2048          2052
+       16     5.029     0.711     0.865        132    132        128    128           132
+       64     9.505     2.588     0.510        516    516        512    512           516
+      256    55.280    16.005     2.225       2052   2052       2048   2048          2052
 
 The bytes sent are the minimum for every C. The times say little on so loaded a machine beyond
 their order: the synchronised step costs a few times the unsynchronised one, mostly arithmetic

@@ -218,7 +218,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         channels = x.shape[1]
         dims = _reduction_dims(x)
         count = x.numel() // channels
-        if count > 0:
+        if count > 0:  # two passes (torch.var_mean over dims (0, 2, ...) is slower on CPU)
             mean = x.mean(dims)
             m2 = (x - _per_channel(mean, x)).square().sum(dims)
         else:
@@ -256,11 +256,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
         x_hat = (x - _per_channel(global_mean, x)) * _per_channel(invstd, x)
         ctx.save_for_backward(x_hat, weight, invstd)
-        output = x_hat
-        if weight is not None:
-            output = output * _per_channel(weight.to(dtype), x)
-        if bias is not None:
-            output = output + _per_channel(bias.to(dtype), x)
+        scale = x_hat.new_ones(channels) if weight is None else weight.to(dtype)
+        shift = x_hat.new_zeros(channels) if bias is None else bias.to(dtype)
+        output = torch.addcmul(_per_channel(shift, x), x_hat, _per_channel(scale, x))
         return output.to(input.dtype)
 
     @staticmethod
@@ -289,9 +287,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             mean_dy = sums[:channels] / ctx.total
             mean_dy_xhat = sums[channels:] / ctx.total
             scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            grad_input = _per_channel(scale, g) * (
-                g - _per_channel(mean_dy, g) - x_hat * _per_channel(mean_dy_xhat, g)
-            )
+            # scale * (g - mean_dy - x_hat * mean_dy_xhat) in two fused passes
+            grad_input = torch.addcmul(_per_channel(-scale * mean_dy, g), g, _per_channel(scale, g))
+            grad_input.addcmul_(x_hat, _per_channel(-scale * mean_dy_xhat, g))
             grad_input = grad_input.to(grad_output.dtype)
         grad_weight = sum_dy_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = sum_dy.to(grad_output.dtype) if ctx.needs_input_grad[2] else None
