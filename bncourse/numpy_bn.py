@@ -434,30 +434,57 @@ def batch_norm_inference(
 class BatchNorm:
     """A batch-norm layer with the semantics of ``torch.nn.BatchNorm1d/2d/3d``.
 
-    Args:
-        num_features: C, the number of channels (axis 1 of the input).
-        eps: added to the variance before the square root.
-        momentum: weight of the new batch in the running averages,
-            ``running = (1 - momentum) * running + momentum * batch`` (PyTorch's convention;
-            Keras calls ``1 - momentum`` its momentum). ``None`` gives a cumulative average
-            over all batches seen, weighting batch k by ``1 / k``.
-        affine: learn a scale ``weight`` (gamma, starts at 1) and shift ``bias`` (beta, starts
-            at 0); if False both are ``None``.
-        track_running_stats: keep ``running_mean`` (starts at 0), ``running_var`` (starts at
-            1; it stores the *unbiased* batch variance while training normalises with the biased
-            one) and ``num_batches_tracked``. If False, batch statistics are used in evaluation
-            mode too and the three buffers are ``None``.
-        kernels: ``"fast"`` (default) runs the training-mode forward and backward of
-            :mod:`bncourse.fast.numpy_bn`; ``"reference"`` runs :func:`batch_norm_forward` and
-            :func:`batch_norm_backward` of this module. Both give the same results within
-            rounding; the fast ones take about half the time on large inputs.
-
-    Shapes: input and output (N, C) or (N, C, *spatial) with C = ``num_features``; the
-    parameters and buffers are float64 vectors of shape (C,).
-
     Calling the layer runs the forward pass (training or evaluation mode, see :meth:`train`
     and :meth:`eval`); :meth:`backward` returns dL/dx and stores ``grad_weight`` and
     ``grad_bias``.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (axis 1 of the input).
+    eps : float, default 1e-5
+        Added to the variance before the square root.
+    momentum : float or None, default 0.1
+        Weight of the new batch in the running averages,
+        ``running = (1 - momentum) * running + momentum * batch`` (PyTorch's convention;
+        Keras calls ``1 - momentum`` its momentum). ``None`` gives a cumulative average over
+        all batches seen, weighting batch k by ``1 / k``.
+    affine : bool, default True
+        Learn a scale ``weight`` (gamma, starts at 1) and a shift ``bias`` (beta, starts at
+        0); if False both are ``None``.
+    track_running_stats : bool, default True
+        Keep ``running_mean`` (starts at 0), ``running_var`` (starts at 1; it stores the
+        *unbiased* batch variance while training normalises with the biased one) and
+        ``num_batches_tracked``. If False, batch statistics are used in evaluation mode too
+        and the three buffers are ``None``.
+    kernels : {"fast", "reference"}, default "fast"
+        ``"fast"`` runs the training-mode forward and backward of
+        :mod:`bncourse.fast.numpy_bn`; ``"reference"`` runs :func:`batch_norm_forward` and
+        :func:`batch_norm_backward` of this module. Both give the same results within
+        rounding; the fast ones take about 0.6 times the time on large inputs (see
+        ``benchmarks/bench_numpy_bn.py``).
+
+    Attributes
+    ----------
+    weight, bias : np.ndarray, float64, shape (C,), or None
+        gamma and beta.
+    running_mean, running_var : np.ndarray, float64, shape (C,), or None
+    num_batches_tracked : int or None
+    grad_weight, grad_bias : np.ndarray, float64, shape (C,), or None
+        Set by :meth:`backward`.
+    training : bool
+
+    Notes
+    -----
+    Input and output have shape (N, C) or (N, C, *spatial) and the input's floating dtype.
+
+    Examples
+    --------
+    >>> layer = BatchNorm(3)
+    >>> y = layer(np.random.default_rng(0).standard_normal((8, 3)))
+    >>> dx = layer.backward(np.ones((8, 3)))
+    >>> bool(np.allclose(y.mean(axis=0), 0.0))
+    True
     """
 
     def __init__(
@@ -524,7 +551,12 @@ class BatchNorm:
         return self.forward(x)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Normalise ``x`` of shape (N, C) or (N, C, *spatial) with C = ``num_features``."""
+        """Normalise ``x`` of shape (N, C) or (N, C, *spatial) with C = ``num_features``.
+
+        In training mode (or without running statistics) with the batch's statistics, updating
+        the running ones; in evaluation mode with the running statistics. Returns an array of
+        the shape and dtype of ``x``.
+        """
         x = _check_input(x)
         if x.shape[1] != self.num_features:
             raise ValueError(
@@ -555,6 +587,8 @@ class BatchNorm:
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """Gradient with respect to the last forward input; stores ``grad_weight``/``grad_bias``.
+
+        ``dy`` has the shape of the last forward input; the result has its shape and dtype.
 
         After a forward pass with batch statistics this is the closed form of
         :func:`batch_norm_backward`; after one with running statistics the transform is a fixed

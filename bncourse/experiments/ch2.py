@@ -205,6 +205,14 @@ def time_whitening_and_batch_norm(
 
     Both run with one BLAS thread.
 
+    Parameters
+    ----------
+    dim : int, default 512
+        Units d; the input is (batch_size, d).
+    batch_size : int, default 256
+    repeats : int, default 5
+    seed : int, default 0
+
     Returns
     -------
     dict with keys ``"bn"`` and ``"whitening"``
@@ -336,6 +344,19 @@ def scale_invariance(
 
     The loss is a fixed random linear function of ``sigmoid(BN(W u))``, so it depends on W only
     through the normalised output.
+
+    Parameters
+    ----------
+    scale : float, default 10.0
+        The factor a in ``a * W``.
+    batch_size, in_features, out_features : int
+        ``u`` is (batch_size, in_features), ``W`` is (out_features, in_features).
+    eps : float, default 1e-5
+    seed : int, default 0
+
+    Returns
+    -------
+    ScaleInvariance
     """
     generator = torch.Generator().manual_seed(seed)
     u = torch.randn(batch_size, in_features, generator=generator, dtype=torch.float64)
@@ -467,6 +488,26 @@ def learning_rate_sweep(
 
     ``init_scale=4`` multiplies PyTorch's default initial weights by 4, a good start for a
     sigmoid network *without* BN (sigmoid's slope at 0 is 1/4), so the comparison is fair to it.
+    Built on :func:`bncourse.training.learning_rate_sweep`; a diverged run counts as accuracy 0.
+
+    Parameters
+    ----------
+    lrs : sequence of float
+        The learning rates.
+    data : Dataset, optional
+        Default ``load_digits()``.
+    init_scale : float, default 4.0
+    depth, width : int, default 3 and 64
+        Hidden layers and units per layer.
+    steps, batch_size, seed : int
+        Passed to :func:`bncourse.training.train`; ``seed`` also seeds the initial weights.
+    device : optional
+        Default :func:`bncourse.get_device`.
+
+    Returns
+    -------
+    Sweep
+        ``accuracy["no BN"]`` and ``accuracy["BN"]``, shape (len(lrs),).
     """
     return _sweep("lr", lrs, data, 1.0, init_scale, depth, width, steps, batch_size, seed, device)
 
@@ -485,7 +526,13 @@ def init_scale_sweep(
     """Final test accuracy of a sigmoid MLP on digits, with and without BN, for each init scale.
 
     The hidden layers' initial weights are PyTorch's default times the scale (see
-    :func:`bncourse.models.make_mlp`).
+    :func:`bncourse.models.make_mlp`). Arguments as :func:`learning_rate_sweep`, with one
+    learning rate ``lr`` and the scales ``init_scales``.
+
+    Returns
+    -------
+    Sweep
+        ``accuracy["no BN"]`` and ``accuracy["BN"]``, shape (len(init_scales),).
     """
     return _sweep(
         "init_scale", init_scales, data, lr, 1.0, depth, width, steps, batch_size, seed, device

@@ -204,6 +204,14 @@ def make_interval_data(
 
     Inputs are uniform on [-limit, limit]; the label is 1 inside the interval and 0 outside.
 
+    Parameters
+    ----------
+    num_train, num_test : int, default 1000
+        Examples in each split.
+    half_width : float, default 1.0
+    limit : float, default 3.0
+    seed : int, default 0
+
     Returns
     -------
     Dataset
@@ -601,6 +609,17 @@ def bias_during_training(
     device: torch.device | str | None = None,
 ) -> BiasDuringTraining:
     """Train a BN sigmoid MLP on the digits *with* biases before BN (``bias=True``), plain SGD.
+
+    Parameters
+    ----------
+    steps : int, default 200
+    depth, width : int, default 2 and 64
+        Hidden layers and units per layer.
+    lr : float, default 0.5
+    seed : int, default 0
+        Seeds the weights and the batch order.
+    device : optional
+        Default :func:`bncourse.get_device`.
 
     Returns
     -------

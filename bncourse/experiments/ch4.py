@@ -69,6 +69,18 @@ def train_bn_mlp(
 ) -> tuple[MLP, Dataset]:
     """Train the chapter's model: a ReLU MLP with batch norm on the digits (split ``seed``).
 
+    Parameters
+    ----------
+    steps, batch_size, lr : default 300, 60 and 0.1
+        Plain SGD with :func:`bncourse.training.train`.
+    depth, width : int, default 3 and 100
+        Hidden layers (``Linear -> BatchNorm1d -> ReLU``) and units per layer.
+    bn_impl : {"bncourse", "torch"}, default "bncourse"
+    seed : int, default 0
+        Seeds the split, the weights and the batch order.
+    device : optional
+        Default :func:`bncourse.get_device`.
+
     Returns
     -------
     model : MLP
@@ -211,7 +223,22 @@ def variance_bias(
     population_std: float = 3.0,
     seed: int = 0,
 ) -> VarianceBias:
-    """Average the variances of ``trials`` batches of each size, drawn from N(1, std**2)."""
+    """Average the variances of ``trials`` batches of each size, drawn from N(1, std**2).
+
+    Parameters
+    ----------
+    batch_sizes : tuple of int
+        The batch sizes m (each at least 2).
+    trials : int, default 50_000
+        Batches per size.
+    population_std : float, default 3.0
+    seed : int, default 0
+
+    Returns
+    -------
+    VarianceBias
+        Biased and unbiased averages relative to the population variance, shape (K,).
+    """
     rng = np.random.default_rng(seed)
     sizes = np.asarray(batch_sizes, dtype=np.int64)
     biased, unbiased = [], []
@@ -417,7 +444,25 @@ def _batched_logits(model: nn.Module, x: torch.Tensor, order: torch.Tensor, batc
 def forgotten_eval(
     model: nn.Module, data: Dataset, *, batch_size: int = 32, seed: int = 0
 ) -> ForgottenEval:
-    """Evaluate a copy of ``model`` on the test split in training mode and in evaluation mode."""
+    """Evaluate a copy of ``model`` on the test split in training mode and in evaluation mode.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A trained classifier with batch norm; it is not modified (copies are evaluated).
+    data : Dataset
+        Its test split (N_test examples) is cut into batches of ``batch_size``.
+    batch_size : int, default 32
+    seed : int, default 0
+        Seeds the shuffled order.
+
+    Returns
+    -------
+    ForgottenEval
+        Accuracies in training mode (shuffled batches, batches sorted by class) and in
+        evaluation mode, how far training mode moved the running means, and how much the
+        evaluation-mode logits depend on the batch order (0 up to rounding).
+    """
     device = next(model.parameters()).device
     _, _, x_test, y_test = data.tensors(device)
     generator = torch.Generator().manual_seed(seed)

@@ -472,8 +472,21 @@ def learning_rate_sweep(
 ) -> dict[tuple[str | None, float, int], TrainingHistory]:
     """Train the CNN for every (norm, lr, seed); returns the histories keyed by that triple.
 
-    :func:`bncourse.training.learning_rate_sweep` with the models of :func:`train_cnn`;
-    ``train_kwargs`` are :func:`train_cnn`'s (``batch_size``, ``channels``, ``bn_impl``, ...).
+    :func:`bncourse.training.learning_rate_sweep` with the models of :func:`train_cnn`.
+
+    Parameters
+    ----------
+    lrs : tuple of float
+    norms : tuple of {None, "bn"}, default (None, "bn")
+    seeds : tuple of int, default (0,)
+    steps : int, default 200
+    **train_kwargs
+        :func:`train_cnn`'s other arguments (``batch_size``, ``channels``, ``bn_impl``,
+        ``eval_every``, ``data``, ``device``).
+
+    Returns
+    -------
+    dict of (norm, lr, seed) to TrainingHistory
     """
     data = train_kwargs.pop("data", None) or load_digits(flatten=False)
     cnn_kwargs = {
@@ -556,6 +569,14 @@ def initial_signal_scale(
 
     One training-mode forward pass of :func:`bncourse.models.make_cnn` (``seed``) on the first
     ``batch_size`` standardised training digits.
+
+    Parameters
+    ----------
+    norms : tuple of {None, "bn"}
+    batch_size : int, default 256
+    seed : int, default 0
+    channels : tuple of int
+        Output channels of the blocks.
 
     Returns
     -------
