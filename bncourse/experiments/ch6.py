@@ -32,7 +32,7 @@ from bncourse import analysis, get_device, torch_bn
 from bncourse.data import BatchSampler, Dataset, load_digits
 from bncourse.inference import recompute_population_statistics
 from bncourse.models import MLP, make_mlp
-from bncourse.training import evaluate, train
+from bncourse.training import TrainingHistory, evaluate, train
 
 __all__ = [
     "VARIANTS",
@@ -58,6 +58,11 @@ __all__ = [
 
 VARIANTS: tuple[str, ...] = ("no BN", "BN", "noisy BN")
 """The networks compared in :func:`probe_training`."""
+
+
+def _fit(model: nn.Module, data: Dataset, **kwargs) -> TrainingHistory:
+    """:func:`bncourse.training.train` without intermediate evaluations (``eval_every=0``)."""
+    return train(model, data, eval_every=0, **kwargs)
 
 
 class InjectedNoise(nn.Module):
@@ -244,7 +249,7 @@ def probe_training(
                 records["probe"].append(analysis.gradient_probe(model, inputs, labels, step_sizes))
             _advance_noise(model)
 
-        history = train(
+        history = _fit(
             model,
             data,
             steps=steps,
@@ -252,7 +257,6 @@ def probe_training(
             lr=lr,
             seed=seed,
             device=device,
-            eval_every=0,
             callback=callback,
         )
         probes = records["probe"]
@@ -380,7 +384,7 @@ def weight_decay_runs(
             angles.append(row)
             norms.append(analysis.weight_norms(model))
 
-        history = train(
+        history = _fit(
             model,
             data,
             steps=steps,
@@ -389,7 +393,6 @@ def weight_decay_runs(
             weight_decay=weight_decay,
             seed=seed,
             device=device,
-            eval_every=0,
             callback=callback,
         )
         runs.append(
@@ -738,16 +741,7 @@ def generalisation_gap(
             )
             for block in model.hidden:
                 block.norm = GhostBatchNorm(block.norm, ghost)
-            train(
-                model,
-                data,
-                steps=steps,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                device=device,
-                eval_every=0,
-            )
+            _fit(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device)
             results[i, j] = (*evaluate(model, x_train, y_train), *evaluate(model, x_test, y_test))
     mean = results.mean(axis=1)
     return GapResult(
@@ -858,16 +852,7 @@ def dropout_variance_shift(
     shift, accuracy, recomputed = {}, {}, {}
     for position in positions:
         model = DropoutMLP(depth, width, 0.0 if position == "none" else p, position, seed=seed)
-        train(
-            model,
-            data,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            device=device,
-            eval_every=0,
-        )
+        _fit(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device)
         x_train, _, x_test, y_test = data.tensors(device)
         norms = [m for m in model.net if isinstance(m, torch_bn.BatchNorm1d)]
         test_vars = _eval_input_variances(model, x_train)
