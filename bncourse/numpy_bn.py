@@ -268,10 +268,10 @@ def batch_norm_forward(
         return _per_channel(v, x.ndim).astype(dtype)
 
     mu = _channel_sum(x, dtype=np.float64) / m  # mean of each channel
-    x_mu = _minus(x, mu, dtype)  # x - mu
-    var = _channel_sum(x_mu, x_mu) / m  # biased variance
+    x_hat = _minus(x, mu, dtype)  # x - mu, normalised in place below
+    var = _channel_sum(x_hat, x_hat) / m  # biased variance
     inv_std = 1.0 / np.sqrt(var + eps)
-    x_hat = x_mu * col(inv_std)
+    x_hat *= col(inv_std)  # (x - mu) / sqrt(var + eps)
     out = x_hat * col(gamma) + col(beta)
 
     x_hat = x_hat.astype(x.dtype, copy=False)
@@ -565,14 +565,16 @@ class BatchNorm:
             )
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
-            # the previous forward's x_hat is private to this layer: reuse its memory
-            workspace = None if self._cache is None else self._cache.x_hat
-            self._cache = None
-            if workspace is not None:
-                workspace = workspace.reshape(workspace.shape[0], workspace.shape[1], -1)
+            previous, self._cache = self._cache, None  # free its memory before the next
             if self.kernels == "fast":
+                # the previous forward's x_hat is private to this layer: reuse its memory
+                workspace = None if previous is None else previous.x_hat
+                del previous
+                if workspace is not None:
+                    workspace = workspace.reshape(workspace.shape[0], workspace.shape[1], -1)
                 y, cache = _fast()._forward(x, self.weight, self.bias, self.eps, workspace)
             else:
+                del previous
                 y, cache = batch_norm_forward(x, self.weight, self.bias, self.eps)
             if self.training and self.track_running_stats:
                 self._update_running_stats(cache, _values_per_channel(x))
