@@ -138,6 +138,40 @@ def _eval_without_communication():
     return (layer(x) - reference(x)).abs().max().item()
 
 
+def _count_collectives(rank):
+    """How many collectives of each kind, with how many numbers, one training step makes."""
+    calls = []
+    originals = dist.all_gather, dist.all_reduce
+
+    def all_gather(outputs, tensor, *args, **kwargs):
+        calls.append(("all_gather", tensor.numel()))
+        return originals[0](outputs, tensor, *args, **kwargs)
+
+    def all_reduce(tensor, *args, **kwargs):
+        calls.append(("all_reduce", tensor.numel()))
+        return originals[1](tensor, *args, **kwargs)
+
+    dist.all_gather, dist.all_reduce = all_gather, all_reduce
+    try:
+        layer = SyncBatchNorm(5)
+        x = torch.randn(4 + rank, 5, 3, requires_grad=True)
+        layer(x).square().sum().backward()
+    finally:
+        dist.all_gather, dist.all_reduce = originals
+    return calls
+
+
+def _sync_case_bfloat16(rank):
+    """bfloat16 input: statistics in float32, output in bfloat16, close to float32 BN."""
+    x, grad = _case_data((4, 4), (2, 2), seed=30, dtype=torch.float32)
+    part = _rank_slice((4, 4), rank)
+    layer = SyncBatchNorm(3)
+    mine = x[part].to(torch.bfloat16).requires_grad_()
+    y = layer(mine)
+    y.backward(grad[part].to(torch.bfloat16))
+    return {"y": y.detach(), "dx": mine.grad, "running_var": layer.running_var}
+
+
 def _two_rank_worker(rank, world_size):
     out = {}
     # 2-D and 4-D float64, equal and unequal batch sizes, two steps each
@@ -145,6 +179,8 @@ def _two_rank_worker(rank, world_size):
     out["4d"] = _sync_case(rank, (2, 3), (3, 2), seed=1)
     out["momentum_none"] = _sync_case(rank, (5, 2), (), seed=2, momentum=None)
     out["3d"] = _sync_case(rank, (2, 2), (4,), seed=3)
+    out["collectives"] = _count_collectives(rank)
+    out["bfloat16"] = _sync_case_bfloat16(rank)
     # eval mode: rank 0 alone (no collective may happen)
     out["eval_gap"] = _eval_without_communication() if rank == 0 else None
     dist.barrier()
@@ -300,6 +336,27 @@ def test_subgroup_synchronises_only_within_itself(three_ranks):
 
 def test_a_rank_outside_the_layers_group_gets_a_clear_error(three_ranks):
     assert "not a member of the layer's process_group" in three_ranks[2]["not_member"]
+
+
+def test_one_collective_forward_and_one_backward(two_ranks):
+    for rank_out in two_ranks:
+        assert rank_out["collectives"] == [("all_gather", 2 * 5 + 1), ("all_reduce", 2 * 5)]
+
+
+def test_bfloat16_input_keeps_its_dtype_and_float32_statistics(two_ranks):
+    x, grad = _case_data((4, 4), (2, 2), seed=30, dtype=torch.float32)
+    x = x.to(torch.bfloat16).float().requires_grad_()  # the values the ranks saw
+    reference = nn.BatchNorm2d(3)
+    y = reference(x)
+    y.backward(grad.to(torch.bfloat16).float())
+    for rank, rank_out in enumerate(two_ranks):
+        got = rank_out["bfloat16"]
+        part = _rank_slice((4, 4), rank)
+        assert got["y"].dtype == got["dx"].dtype == torch.bfloat16
+        assert got["running_var"].dtype == torch.float32
+        torch.testing.assert_close(got["y"].float(), y.detach()[part], rtol=0.02, atol=0.02)
+        torch.testing.assert_close(got["dx"].float(), x.grad[part], rtol=0.05, atol=0.02)
+        torch.testing.assert_close(got["running_var"], reference.running_var, rtol=1e-4, atol=1e-5)
 
 
 def test_eval_mode_does_not_communicate(two_ranks):
