@@ -40,7 +40,7 @@ CASES = [
     ("InstanceNorm2d", (4,), {"track_running_stats": True, "momentum": None}, (3, 4, 5, 5)),
     ("InstanceNorm3d", (2,), {"affine": True, "track_running_stats": True}, (2, 2, 3, 3, 3)),
 ]
-DTYPES = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2}
+DTYPES = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
 def _pair(name, args, kwargs, dtype, seed=0):
@@ -264,3 +264,24 @@ def test_module_db_inputs(dtype, training):
                 checked += 1
     # 10 GroupNorm + 2 GroupNorm errors + 3 x 6 InstanceNorm + 7 LayerNorm + 6 RMSNorm
     assert checked == 43, checked
+
+
+def test_non_contiguous_inputs_match_torch():
+    torch.manual_seed(0)
+    cases = [
+        (T.LayerNorm(16), nn.LayerNorm(16), torch.randn(16, 4, 3).transpose(0, 2)),
+        (T.RMSNorm(16), nn.RMSNorm(16), torch.randn(3, 32)[:, ::2]),
+        (
+            T.GroupNorm(2, 4),
+            nn.GroupNorm(2, 4),
+            torch.randn(2, 4, 5, 5).to(memory_format=torch.channels_last),
+        ),
+        (T.InstanceNorm2d(4), nn.InstanceNorm2d(4), torch.randn(2, 5, 5, 4).permute(0, 3, 1, 2)),
+    ]
+    for ours, theirs, x in cases:
+        assert not x.is_contiguous()
+        dy = torch.randn(x.shape)
+        y1, dx1 = _step(ours, x, dy)
+        y2, dx2 = _step(theirs, x, dy)
+        torch.testing.assert_close(y1, y2, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(dx1, dx2, atol=1e-4, rtol=1e-4)
