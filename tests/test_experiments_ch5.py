@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from bncourse import numpy_bn
+from bncourse import inference, numpy_bn
 from bncourse.data import load_digits
 from bncourse.experiments import ch5
 from bncourse.models import make_cnn
@@ -87,12 +87,12 @@ def test_train_cnn_and_sweep_are_reproducible(digits):
     np.testing.assert_array_equal(sweep[("bn", 0.1, 0)].train_loss, history.train_loss)
 
 
-def test_fold_cnn_matches_in_eval(digits):
+def test_folding_matches_in_eval(digits):
     model = make_cnn(norm="bn", bn_impl="torch", seed=0)
     with torch.no_grad():  # a few training-mode passes to move the running statistics
         for _ in range(3):
             model(torch.as_tensor(digits.x_train[:100]))
-    folded = ch5.fold_cnn(model)
+    folded = inference.fold_batch_norms(model)
     assert model.training and not folded.training
     assert all(isinstance(block.norm, nn.Identity) for block in folded.blocks)
     assert all(block.conv.bias is not None for block in folded.blocks)

@@ -50,7 +50,6 @@ __all__ = [
     "weight_norm_growth",
     "SignalScale",
     "initial_signal_scale",
-    "fold_cnn",
     "FoldingResult",
     "folding_experiment",
 ]
@@ -598,16 +597,6 @@ def initial_signal_scale(
 # ---------------------------------------------------------------------------------------------
 # Folding conv + BN for inference
 # ---------------------------------------------------------------------------------------------
-
-
-def fold_cnn(model: CNN) -> CNN:
-    """Kept for chapter 5's notebook: the same as :func:`bncourse.inference.fold_batch_norms`.
-
-    A copy of ``model`` in evaluation mode with every conv + BN pair folded into one conv: each
-    block's ``conv`` becomes :func:`bncourse.inference.fold_batch_norm` ``(conv, norm)`` and its
-    ``norm`` an ``nn.Identity``. ``model`` is not modified.
-    """
-    return fold_batch_norms(model)
 
 
 @dataclass
