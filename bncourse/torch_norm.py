@@ -19,6 +19,7 @@ result cast back, as PyTorch does.
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from collections.abc import Sequence
@@ -63,7 +64,9 @@ class _Normalize(torch.autograd.Function):
         x = input.to(_compute_dtype(input.dtype))
         if center:
             x = x - x.mean(dim=dims, keepdim=True)
-        variance = (x * x).mean(dim=dims, keepdim=True)  # biased, or the mean square
+        # the biased variance (or the mean square) as a squared norm: one pass, no x * x array
+        count = math.prod(x.shape[d] for d in dims)
+        variance = torch.linalg.vector_norm(x, dim=dims, keepdim=True).square() / count
         inv_std = torch.rsqrt(variance + eps)
         # x_hat; in place where x is already a tensor of our own (centred or converted)
         x_hat = x.mul_(inv_std) if x is not input else x * inv_std
