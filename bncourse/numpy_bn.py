@@ -151,6 +151,11 @@ def _channel_sum(a: np.ndarray, b: np.ndarray | None = None, dtype=None) -> np.n
     dtype), the N row sums then in float64.
     """
     a3 = a.reshape(a.shape[0], a.shape[1], -1)
+    if a3.shape[2] == 1:  # (N, C): one value per row, sum the columns in float64 directly
+        a2 = a3[:, :, 0]
+        if b is None:
+            return a2.sum(axis=0, dtype=np.float64)
+        return np.einsum("nc,nc->c", a2, b.reshape(a2.shape), dtype=np.float64)
     if b is None:
         rows = np.einsum("ncm->nc", a3, dtype=dtype)
     else:

@@ -62,7 +62,8 @@ def test_fast_kernels_hand_small_inputs_to_the_reference(monkeypatch):
 
         monkeypatch.setattr(numpy_bn, name, spy)
     rng = np.random.default_rng(20)
-    for shape, expected in (((2, 64, 8, 8), 2), ((300, 3, 9, 9), 0)):
+    cases = (((2, 64, 8, 8), 2), ((300, 3, 9, 9), 0), ((4096, 64), 2), ((1024, 1024), 0))
+    for shape, expected in cases:
         calls.clear()
         x = random_input(rng, shape, np.float32)
         _, cache = fast_numpy_bn.batch_norm_forward(x, None, None)
