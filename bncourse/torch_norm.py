@@ -65,7 +65,7 @@ class _Normalize(torch.autograd.Function):
         if center:
             x = x - x.mean(dim=dims, keepdim=True)
         # the biased variance (or the mean square) as a squared norm: one pass, no x * x array
-        count = math.prod(x.shape[d] for d in dims)
+        count = math.prod([x.shape[d] for d in dims])
         variance = torch.linalg.vector_norm(x, dim=dims, keepdim=True).square() / count
         inv_std = torch.rsqrt(variance + eps)
         # x_hat; in place where x is already a tensor of our own (centred or converted)

@@ -285,3 +285,22 @@ def test_non_contiguous_inputs_match_torch():
         y2, dx2 = _step(theirs, x, dy)
         torch.testing.assert_close(y1, y2, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(dx1, dx2, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_modules_compile_in_one_graph():
+    """torch.compile(fullgraph=True) traces the Function and its hand-derived backward."""
+    torch.manual_seed(0)
+    for module, shape in [
+        (T.LayerNorm(16), (4, 3, 16)),
+        (T.GroupNorm(2, 4), (2, 4, 5)),
+        (T.InstanceNorm2d(4, affine=True), (2, 4, 3, 3)),
+        (T.RMSNorm(16), (3, 16)),
+    ]:
+        x = torch.randn(shape)
+        dy = torch.randn(shape)
+        y1, dx1 = _step(module, x, dy)
+        y2, dx2 = _step(torch.compile(module, fullgraph=True), x, dy)
+        torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dx2, dx1, atol=1e-5, rtol=1e-5)
