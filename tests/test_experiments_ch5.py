@@ -109,3 +109,16 @@ def test_initial_signal_scale():
     assert len(scales[None].preactivation_std) == 3
     np.testing.assert_allclose(scales["bn"].preactivation_std, 1.0, atol=2e-2)
     assert scales[None].logit_std > 0
+
+
+def test_conv_weight_norms_and_their_growth(digits):
+    model = make_cnn(norm="bn", seed=3, channels=(4, 8, 8))
+    expected = [float(torch.linalg.vector_norm(b.conv.weight.detach())) for b in model.blocks]
+    np.testing.assert_allclose(ch5.conv_weight_norms(model), expected, rtol=1e-6)
+    growth = ch5.weight_norm_growth(
+        lrs=(0.0, 5.0), seed=3, steps=5, channels=(4, 8, 8), data=digits, device="cpu"
+    )
+    assert set(growth) == {0.0, 5.0} and growth[5.0].shape == (3,)
+    np.testing.assert_allclose(growth[0.0], 1.0, rtol=1e-6)  # no step, no growth
+    # behind BN the gradient is orthogonal to the weights: every SGD step lengthens them
+    assert np.all(growth[5.0] > 1.0)
