@@ -697,11 +697,7 @@ def _module_forward(module: _BatchNorm, input: Tensor) -> Tensor:
     """The forward of the modules, kept whole under ``torch.fx`` (a leaf function that receives
     the module, so that its mode and buffers are read when the traced graph runs)."""
     _check_module_input(module, input)
-    factor = 0.0 if module.momentum is None else module.momentum
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
-        if module.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(module.num_batches_tracked)
+    factor = module._count_batch()
     # batch statistics in training, and in evaluation when there are no running statistics
     use_batch_stats = module.training or (
         module.running_mean is None and module.running_var is None
@@ -770,9 +766,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         _check_module_input(self, input)
         return self._script_forward(input)
 
-    def _script_forward(self, input: Tensor) -> Tensor:
-        # torch.nn.modules.batchnorm._BatchNorm.forward, with our TorchScript-able functional
-        self._check_input_dim(input)
+    def _count_batch(self) -> float:
+        """Count a training batch in ``num_batches_tracked``; the momentum factor to use
+        (``1 / num_batches_tracked`` for ``momentum=None``, a cumulative average)."""
         factor = 0.0
         if self.momentum is not None:
             factor = self.momentum
@@ -781,6 +777,12 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:
                     factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def _script_forward(self, input: Tensor) -> Tensor:
+        # torch.nn.modules.batchnorm._BatchNorm.forward, with our TorchScript-able functional
+        self._check_input_dim(input)
+        factor = self._count_batch()
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_buffers = not self.training or self.track_running_stats
         return _batch_norm_script(

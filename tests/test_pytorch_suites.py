@@ -133,8 +133,9 @@ def test_module_db_gradcheck_and_gradgradcheck(name, training):
             return torch.func.functional_call(module, state, (x,))
 
         inputs = (x.detach().clone().requires_grad_(True), *params)
-        assert torch.autograd.gradcheck(f, inputs)
-        assert torch.autograd.gradgradcheck(f, inputs)
+        # fast mode: random projections of the Jacobians (as PyTorch's own suite runs them)
+        assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+        assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("name", sorted(MODULE_INFOS))
