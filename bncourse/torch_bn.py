@@ -253,8 +253,8 @@ def _kernel_functions(name: str | None) -> tuple[Any, Any]:
     name = _KERNELS.get("fast") if name is None else name
     if name == "reference":
         return batch_norm_forward, batch_norm_backward
-    if name == "compiled":
-        return fast.compiled_kernels()
+    if name == "compiled":  # (a backward for a centred input that the compiled forward kept)
+        return fast.compiled_kernels()[0], fast.batch_norm_backward
     return fast.batch_norm_forward, fast.batch_norm_backward
 
 
@@ -271,7 +271,9 @@ class _BatchNormFunction(torch.autograd.Function):
     itself differentiable (double backward) when it is built from the saved ``x``, ``mu`` and
     ``var`` with ordinary tensor operations, as it is whenever a graph is being recorded
     (``create_graph=True`` and ``torch.func`` transforms). In the ordinary first-order case the
-    kernels' backward runs on the saved centred input ``x_mu``.
+    kernels' backward runs on the saved centred input ``x_mu``; the compiled forward keeps none
+    (``x_mu`` is then an empty tensor) and its compiled backward reads ``x`` and ``mu`` instead,
+    which saves writing and reading a full-size tensor.
     """
 
     @staticmethod
@@ -288,8 +290,9 @@ class _BatchNormFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(x_mu)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, gamma, mu, var, x_mu)
-        ctx.save_for_forward(gamma, var, x_mu)
+        ctx.save_for_forward(x, gamma, mu, var, x_mu)
         ctx.eps, ctx.name = eps, name
+        ctx.kept_x_mu = x_mu.numel() == x.numel()  # False: the compiled kernels kept none
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -298,11 +301,15 @@ class _BatchNormFunction(torch.autograd.Function):
         x, gamma, mu, var, x_mu = ctx.saved_tensors
         need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
         dx = dgamma = dbeta = None
-        if torch.is_grad_enabled():  # recording a graph: differentiable operations only
-            backward, x_mu = batch_norm_backward, x - _per_channel(mu, x)
-        else:
-            backward = _kernel_functions(ctx.name)[1]
-        if g is not None:
+        recording = torch.is_grad_enabled()  # a graph of the backward: differentiable ops only
+        if recording or not ctx.kept_x_mu:
+            x_mu = x - _per_channel(mu, x)
+        if g is not None and not recording and not ctx.kept_x_mu:
+            from bncourse.fast.torch_bn import compiled_backward_from_input
+
+            dx, dgamma, dbeta = compiled_backward_from_input(g, x, mu, gamma, var, ctx.eps)
+        elif g is not None:
+            backward = batch_norm_backward if recording else _kernel_functions(ctx.name)[1]
             dx, dgamma, dbeta = backward(g, x_mu, gamma, var, ctx.eps)
         if g_mu is not None or g_var is not None:  # gradients through the statistics
             m = x.numel() // x.shape[1]
@@ -324,7 +331,9 @@ class _BatchNormFunction(torch.autograd.Function):
     def jvp(  # type: ignore[override]
         ctx: Any, tx: Tensor | None, tgamma: Tensor | None, tbeta: Tensor | None, *_: Any
     ) -> tuple[Tensor | None, ...]:
-        gamma, var, x_mu = ctx.saved_tensors
+        x, gamma, mu, var, x_mu = ctx.saved_tensors
+        if not ctx.kept_x_mu:
+            x_mu = x - _per_channel(mu, x)
         if tx is None:
             tx = torch.zeros_like(x_mu)
         t_y, t_mu, t_var = _batch_norm_jvp(tx, tgamma, tbeta, x_mu, gamma, var, ctx.eps)
@@ -349,6 +358,8 @@ class _BatchNormFunction(torch.autograd.Function):
                 return vector.repeat(size)
             return vector.movedim(dim, 0).reshape(-1)
 
+        if name == "compiled" or (name is None and _KERNELS.get("fast") == "compiled"):
+            name = "fast"  # (the compiled kernels keep no centred input to unfold)
         y, mu, var, x_mu = _BatchNormFunction.apply(
             folded, fold(gamma, in_dims[1]), fold(beta, in_dims[2]), eps, name
         )

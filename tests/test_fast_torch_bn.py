@@ -122,3 +122,30 @@ def test_use_kernels_returns_the_previous_choice_and_checks_it():
         torch_bn.use_kernels("turbo")
     with pytest.raises(ValueError, match="kernels must be one of"):
         torch_bn.BatchNorm2d(3, kernels="turbo")
+
+
+def test_compiled_kernels_keep_no_centred_input_and_still_serve_every_transform():
+    """The compiled forward keeps no centred input; its backward, double backward, jvp and
+    vmap recompute it and equal torch's."""
+    forward, _ = fast.compiled_kernels()
+    x, g, gamma, beta = _inputs((4, 3, 5), torch.float64, True, seed=3)
+    assert forward(x, gamma, beta, 1e-5)[3].numel() == 0
+    results = []
+    for fn, name in ((torch_bn.batch_norm, "compiled"), (F.batch_norm, None)):
+        kwargs = {"kernels": name} if name else {}
+        inputs = [t.clone().requires_grad_(True) for t in (x, gamma, beta)]
+        y = fn(inputs[0], None, None, inputs[1], inputs[2], True, **kwargs)
+        (dx,) = torch.autograd.grad(y, inputs[0], g, create_graph=True)
+        second = torch.autograd.grad((dx**2).sum(), inputs[:2])  # (beta: not in dx)
+        y_first = fn(x, None, None, gamma, beta, True, **kwargs)
+        tangent = torch.func.jvp(
+            lambda t, fn=fn, kwargs=kwargs: fn(t, None, None, gamma, beta, True, **kwargs),
+            (x,),
+            (g,),
+        )[1]
+        batched = torch.func.vmap(
+            lambda t, fn=fn, kwargs=kwargs: fn(t, None, None, gamma, beta, True, **kwargs)
+        )(torch.stack([x, 2.0 * x]))
+        results.append((y_first, dx, *second, tangent, batched))
+    for actual, expected in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)

@@ -16,7 +16,7 @@ other), in fewer passes over memory and fewer allocations:
 
 :func:`compiled_kernels` gives the reference formulas fused by :func:`torch.compile` (the
 ``"compiled"`` choice of :func:`bncourse.torch_bn.use_kernels`): a few loops over memory, like
-PyTorch's native kernel.
+PyTorch's native kernel; its forward keeps no centred input, its backward recomputes it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ from torch import Tensor
 
 from bncourse import torch_bn as reference
 
-__all__ = ["batch_norm_forward", "batch_norm_backward", "compiled_kernels"]
+__all__ = [
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "compiled_kernels",
+    "compiled_backward_from_input",
+]
 
 
 def batch_norm_forward(
@@ -103,11 +108,49 @@ def _compile_or_fall_back(name: str, function: Callable[..., Any]) -> Callable[.
     return run
 
 
-def compiled_kernels() -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """The reference forward and backward kernels fused by :func:`torch.compile` (made on the
-    first call; each new kind of input compiles again, a second shape makes shapes dynamic). If
-    compiling fails, a ``RuntimeWarning`` says so and the reference kernels are used instead."""
+def _forward_keeping_no_centred_input(
+    x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, mu, var, _ = reference.batch_norm_forward(x, gamma, beta, eps)
+    return y, mu, var
+
+
+def _backward_from_input(
+    g: Tensor, x: Tensor, mu: Tensor, gamma: Tensor | None, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return reference.batch_norm_backward(g, x - reference._per_channel(mu, x), gamma, var, eps)
+
+
+def _kernel(name: str) -> Callable[..., Any]:
     if not _compiled:
-        _compiled["forward"] = _compile_or_fall_back("forward", reference.batch_norm_forward)
-        _compiled["backward"] = _compile_or_fall_back("backward", reference.batch_norm_backward)
-    return _compiled["forward"], _compiled["backward"]
+        _compiled["forward"] = _compile_or_fall_back("forward", _forward_keeping_no_centred_input)
+        _compiled["backward"] = _compile_or_fall_back("backward", _backward_from_input)
+    return _compiled[name]
+
+
+def compiled_kernels() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The reference kernels fused by :func:`torch.compile` (made on first use; each new kind of
+    input compiles again, a second shape makes shapes dynamic). If compiling fails, a
+    ``RuntimeWarning`` says so and the reference formulas run instead.
+
+    The forward keeps no centred input: the ``x_mu`` it returns is an empty tensor, and the
+    backward, :func:`compiled_backward_from_input`, recomputes ``x - mu`` from ``x`` while it
+    reads it (one full-size tensor fewer written and read; as fast as PyTorch's native kernel on
+    a CPU). Returns ``(forward, compiled_backward_from_input)``.
+    """
+
+    def forward(
+        x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        y, mu, var = _kernel("forward")(x, gamma, beta, eps)
+        return y, mu, var, x.new_empty(0)
+
+    return forward, compiled_backward_from_input
+
+
+def compiled_backward_from_input(
+    g: Tensor, x: Tensor, mu: Tensor, gamma: Tensor | None, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`bncourse.torch_bn.batch_norm_backward` of ``x - mu``, compiled: ``(dx, dgamma,
+    dbeta)`` from the input ``x`` (N, C, *) and its batch mean ``mu`` (C,)."""
+    return _kernel("backward")(g, x, mu, gamma, var, eps)
