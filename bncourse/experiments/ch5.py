@@ -631,13 +631,15 @@ class FoldingResult:
 def _full_float32():
     """Turn off TF32 on CUDA (a 10-bit mantissa in convolutions and matrix products) for a block,
     so that float32 comparisons are made at float32 precision; restores the settings."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    saved = torch.backends.cuda.matmul.allow_tf32
+    # cudnn through its flags() context manager: assigning its attributes raises once PyTorch's
+    # test helpers have frozen the global flags (as they do when imported in the same process)
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @torch.no_grad()
