@@ -244,18 +244,31 @@ def use_compiled_kernels(enabled: bool = True) -> bool:
     return use_kernels("compiled" if enabled else "fast") == "compiled"
 
 
-def _kernel_functions(name: str | None) -> tuple[Any, Any]:
-    """The (forward, backward) kernels for ``name`` (None: the current :func:`use_kernels`)."""
+def _resolve_kernels(name: str | None) -> str:
+    """The kernels that run: ``name``, or the current :func:`use_kernels` choice when None;
+    ``"reference"`` inside ``torch.compile`` / ``torch.export``, which fuse the plain formulas."""
+    if torch.compiler.is_compiling():
+        return "reference"
+    return _KERNELS.get("fast") if name is None else name
+
+
+def _kernel_functions(name: str) -> tuple[Any, Any, Any]:
+    """``(forward, backward, backward_from_input)`` of the kernels ``name`` (resolved): the
+    forward returns ``(y, mu, var, x_mu)``; the backward takes the centred input ``x_mu`` when
+    the forward kept one, else ``backward_from_input`` takes ``x`` and ``mu`` (None: the
+    reference forward always keeps it)."""
     from bncourse.fast import torch_bn as fast  # the fast layer imports this module
 
-    if torch.compiler.is_compiling():  # torch.compile / torch.export fuse the plain formulas
-        return batch_norm_forward, batch_norm_backward
-    name = _KERNELS.get("fast") if name is None else name
     if name == "reference":
-        return batch_norm_forward, batch_norm_backward
-    if name == "compiled":  # (a backward for a centred input that the compiled forward kept)
-        return fast.compiled_kernels()[0], fast.batch_norm_backward
-    return fast.batch_norm_forward, fast.batch_norm_backward
+        return batch_norm_forward, batch_norm_backward, None
+    if name == "compiled":
+        forward, backward_from_input = fast.compiled_kernels()
+        return forward, fast.batch_norm_backward, backward_from_input
+
+    def forward(x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float) -> Any:
+        return fast.batch_norm_forward(x, gamma, beta, eps, False)  # keeps no centred input
+
+    return forward, fast.batch_norm_backward, fast.batch_norm_backward_from_input
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +293,7 @@ class _BatchNormFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, name: str | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        forward, _ = _kernel_functions(name)
+        forward, _, _ = _kernel_functions(_resolve_kernels(name))
         return forward(x, gamma, beta, eps)
 
     @staticmethod
@@ -291,8 +304,8 @@ class _BatchNormFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, gamma, mu, var, x_mu)
         ctx.save_for_forward(x, gamma, mu, var, x_mu)
-        ctx.eps, ctx.name = eps, name
-        ctx.kept_x_mu = x_mu.numel() == x.numel()  # False: the compiled kernels kept none
+        ctx.eps, ctx.name = eps, _resolve_kernels(name)  # as the forward resolved it
+        ctx.kept_x_mu = x_mu.numel() == x.numel()  # False: fast and compiled forwards keep none
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -302,15 +315,16 @@ class _BatchNormFunction(torch.autograd.Function):
         need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
         dx = dgamma = dbeta = None
         recording = torch.is_grad_enabled()  # a graph of the backward: differentiable ops only
-        if recording or not ctx.kept_x_mu:
+        if not ctx.kept_x_mu and (recording or g_var is not None):
             x_mu = x - _per_channel(mu, x)
-        if g is not None and not recording and not ctx.kept_x_mu:
-            from bncourse.fast.torch_bn import compiled_backward_from_input
-
-            dx, dgamma, dbeta = compiled_backward_from_input(g, x, mu, gamma, var, ctx.eps)
+        if g is not None and recording:
+            dx, dgamma, dbeta = batch_norm_backward(g, x_mu, gamma, var, ctx.eps)
         elif g is not None:
-            backward = batch_norm_backward if recording else _kernel_functions(ctx.name)[1]
-            dx, dgamma, dbeta = backward(g, x_mu, gamma, var, ctx.eps)
+            _, backward, backward_from_input = _kernel_functions(ctx.name)
+            if ctx.kept_x_mu:
+                dx, dgamma, dbeta = backward(g, x_mu, gamma, var, ctx.eps)
+            else:
+                dx, dgamma, dbeta = backward_from_input(g, x, mu, gamma, var, ctx.eps)
         if g_mu is not None or g_var is not None:  # gradients through the statistics
             m = x.numel() // x.shape[1]
             extra = torch.zeros_like(x) if dx is None else dx
@@ -358,12 +372,15 @@ class _BatchNormFunction(torch.autograd.Function):
                 return vector.repeat(size)
             return vector.movedim(dim, 0).reshape(-1)
 
-        if name == "compiled" or (name is None and _KERNELS.get("fast") == "compiled"):
-            name = "fast"  # (the compiled kernels keep no centred input to unfold)
+        if _resolve_kernels(name) == "compiled":
+            name = "fast"  # (compiled code under vmap: the fast kernels instead)
         y, mu, var, x_mu = _BatchNormFunction.apply(
             folded, fold(gamma, in_dims[1]), fold(beta, in_dims[2]), eps, name
         )
-        y, x_mu = (t.reshape(shape).movedim(1, 0) for t in (y, x_mu))
+        y = y.reshape(shape).movedim(1, 0)
+        if x_mu.numel() == 0:  # the fast kernels keep no centred input: nothing to unfold
+            return (y, mu.view(size, -1), var.view(size, -1), x_mu), (0, 0, 0, None)
+        x_mu = x_mu.reshape(shape).movedim(1, 0)
         return (y, mu.view(size, -1), var.view(size, -1), x_mu), (0, 0, 0, 0)
 
 

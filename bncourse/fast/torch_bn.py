@@ -2,21 +2,35 @@
 
 :func:`batch_norm_forward` and :func:`batch_norm_backward` compute what the reference kernels
 of :mod:`bncourse.torch_bn` compute (``tests/test_fast_torch_bn.py`` checks them against each
-other), in fewer passes over memory and fewer allocations:
+other), with fewer passes over memory and fewer full-size tensors. Batch norm does a few
+arithmetic operations per value, so its time is set by memory: every pass over a full-size
+tensor costs about as much as a copy, and a *fresh* full-size tensor costs more (its pages
+come from the operating system, a page fault each, when the allocator has given them back).
+PyTorch's native kernel makes one new tensor each way (``y``, then ``dx``); so do these:
 
-* forward: subtract one sample of each channel (a *pivot*) first, so the mean of what remains is
-  small and one in-place subtraction of it centres the data exactly, even for a large mean (the
-  reference centres twice instead); the squares go into the buffer that then receives the
-  output (``torch.mul(..., out=)``), so the step allocates two full-size tensors, not five.
-* backward: ``dx = scale * (g - mean(g) - x_hat * mean(g * x_hat))`` regrouped as
-  ``scale * g + p * (x - mu) + q`` with per-channel ``p`` and ``q``, two ``addcmul`` passes into
-  the buffer that held ``g * (x - mu)``: three full-size passes after the two sums. ``p`` is
-  formed as ``inv_std * (inv_std * sum(g * (x - mu)))`` so that ``inv_std**2`` alone is never
-  formed (it overflows float32 for a constant channel and a tiny ``eps``).
+* **A pivot for the mean.** ``d = x - pivot`` (one sample of each channel) goes into the
+  tensor that becomes the output. The pivot is close to the data, so ``mean(d)`` is small and
+  ``var = mean(d**2) - mean(d)**2`` loses no digits even for a mean of ``1e4`` in float32;
+  a constant channel gives ``d = 0`` exactly (output exactly ``beta``).
+* **Sums without temporaries.** The per-channel sums of ``d``, ``d * d`` and, in the backward
+  pass, ``g`` and ``g * (x - mu)`` are accumulated slab by slab (about 512 KiB of whole
+  samples) into small buffers that stay in the CPU's cache, ``acc.addcmul_(slab, slab)``,
+  instead of writing a full-size ``d * d`` and summing it.
+* **Scale in place.** ``y = d * scale + (beta - mean(d) * scale)``: two in-place passes
+  over ``d``, no new tensor.
+* **The backward from the input.** :func:`batch_norm_backward_from_input` keeps no centred
+  input between the passes: it writes ``x - mu`` into the tensor that becomes ``dx``, takes
+  the two sums from it slab by slab (and its mean, which re-centres exactly what the float32
+  rounding of ``mu`` moved), then turns it into ``dx = p * (x - mu) + q + scale * g`` in
+  place. ``p`` is formed as ``inv_std * (inv_std * sum(g * (x - mu)))`` so that
+  ``inv_std**2`` alone is never formed (it overflows float32 for a constant channel and a
+  tiny ``eps``).
 
-:func:`compiled_kernels` gives the reference formulas fused by :func:`torch.compile` (the
-``"compiled"`` choice of :func:`bncourse.torch_bn.use_kernels`): a few loops over memory, like
-PyTorch's native kernel; its forward keeps no centred input, its backward recomputes it.
+The modules use :func:`batch_norm_forward` with ``keep_centred=False`` and
+:func:`batch_norm_backward_from_input`; with ``keep_centred=True`` (the default, the
+reference kernels' contract) the forward also returns ``x - mu`` for
+:func:`batch_norm_backward`. :func:`compiled_kernels` gives the reference formulas fused by
+:func:`torch.compile` (the ``"compiled"`` choice of :func:`bncourse.torch_bn.use_kernels`).
 """
 
 from __future__ import annotations
@@ -33,34 +47,71 @@ from bncourse import torch_bn as reference
 __all__ = [
     "batch_norm_forward",
     "batch_norm_backward",
+    "batch_norm_backward_from_input",
     "compiled_kernels",
     "compiled_backward_from_input",
 ]
 
+SLAB_BYTES = 1 << 19  # whole samples per slab: about 512 KiB, well inside a core's L2 cache
+
+
+def _channel_sums(dims: list[int], *terms: tuple[Tensor, Tensor | None]) -> list[Tensor]:
+    """Per-channel sums, shape (1, C, 1, ...), of ``a`` (for a term ``(a, None)``) or of
+    ``a * b`` (for ``(a, b)``), for tensors of shape (N, C, *); no full-size temporary when the
+    tensors span several slabs."""
+    first = terms[0][0]
+    n = first.shape[0]
+    rows = max(1, SLAB_BYTES // max(1, first[0].numel() * first.element_size()))
+    if rows * 2 > n:  # one or two slabs: plain sums
+        return [(a if b is None else a * b).sum(dims, keepdim=True) for a, b in terms]
+    accumulators = [torch.zeros_like(a[:rows]) for a, _ in terms]
+    whole = n - n % rows
+    for start in range(0, whole, rows):
+        for acc, (a, b) in zip(accumulators, terms, strict=True):
+            if b is None:
+                acc.add_(a[start : start + rows])
+            else:
+                acc.addcmul_(a[start : start + rows], b[start : start + rows])
+    sums = [acc.sum(dims, keepdim=True) for acc in accumulators]
+    if whole < n:
+        for total, (a, b) in zip(sums, terms, strict=True):
+            rest = a[whole:] if b is None else a[whole:] * b[whole:]
+            total.add_(rest.sum(dims, keepdim=True))
+    return sums
+
 
 def batch_norm_forward(
-    x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
+    x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, keep_centred: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training-mode batch norm; see :func:`bncourse.torch_bn.batch_norm_forward`.
 
-    Returns ``(y, mu, var, x_mu)``: output (N, C, *), batch mean and biased variance (C,), and the
-    centred input (N, C, *), the same values as the reference kernel up to rounding.
+    Returns ``(y, mu, var, x_mu)``: output (N, C, *), batch mean and biased variance (C,), and
+    the centred input (N, C, *), the same values as the reference kernel up to rounding. With
+    ``keep_centred=False`` the centred input is not formed (one full-size tensor fewer) and
+    ``x_mu`` is an empty tensor; :func:`batch_norm_backward_from_input` is then the backward.
     """
     dims = reference._reduction_dims(x)
     m = x.numel() // x.shape[1]
     # one sample per channel, a small contiguous copy (broadcasting a strided view is slow)
     pivot = x[(slice(0, 1), slice(None)) + (slice(0, 1),) * (x.dim() - 2)].contiguous()
-    x_mu = torch.sub(x, pivot)  # x - pivot, in x's memory layout
-    shift = x_mu.sum(dims, keepdim=True).div_(m)
-    x_mu.sub_(shift)  # now x - mu, exactly centred
-    y = torch.mul(x_mu, x_mu)  # scratch for the squares, then the output
-    var = y.sum(dims, keepdim=True).div_(m)
+    d = torch.sub(x, pivot)  # x - pivot, in x's memory layout; becomes y (or x - mu)
+    sum_d, sum_dd = _channel_sums(dims, (d, None), (d, d))
+    shift = sum_d.div_(m)  # mean(d) = mu - pivot, small
+    var = sum_dd.div_(m).sub_(shift * shift).clamp_(min=0.0)
     inv_std = (var + eps).rsqrt_()
     scale = inv_std if gamma is None else inv_std * reference._per_channel(gamma, x)
-    torch.mul(x_mu, scale, out=y)
-    if beta is not None:  # (addcmul with two broadcast operands is slower than the two)
-        y.add_(reference._per_channel(beta, x))
-    return y, (pivot + shift).view(-1), var.view(-1), x_mu
+    mu = (pivot + shift).view(-1)
+    if keep_centred:
+        x_mu = d.sub_(shift)  # now x - mu, exactly centred
+        y = torch.mul(x_mu, scale)
+        if beta is not None:
+            y.add_(reference._per_channel(beta, x))
+        return y, mu, var.view(-1), x_mu
+    offset = -shift * scale  # y = d * scale + (beta - shift * scale)
+    if beta is not None:
+        offset += reference._per_channel(beta, x)
+    y = d.mul_(scale).add_(offset)
+    return y, mu, var.view(-1), x.new_empty(0)
 
 
 def batch_norm_backward(
@@ -73,17 +124,43 @@ def batch_norm_backward(
     the backward is recorded.
     """
     dims = reference._reduction_dims(g)
+    sum_g, sum_g_x_mu = _channel_sums(dims, (g, None), (g, x_mu))
+    p, q, scale, inv_std = _backward_coefficients(g, gamma, var, eps, sum_g, sum_g_x_mu)
+    dx = torch.mul(x_mu, p).add_(q).addcmul_(g, scale)
+    return dx, (inv_std * sum_g_x_mu).view(-1), sum_g.view(-1)
+
+
+def batch_norm_backward_from_input(
+    g: Tensor, x: Tensor, mu: Tensor, gamma: Tensor | None, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`batch_norm_backward` of ``x - mu``, from the input ``x`` (N, C, *) and its batch
+    mean ``mu`` (C,), forming ``x - mu`` in the tensor that becomes ``dx``.
+
+    Returns ``(dx, dgamma, dbeta)``, shapes (N, C, *), (C,), (C,).
+    """
+    dims = reference._reduction_dims(g)
+    m = x.numel() // x.shape[1]
+    buffer = torch.sub(x, reference._per_channel(mu, x))  # x - mu, becomes dx
+    sum_g, sum_g_d, sum_d = _channel_sums(dims, (g, None), (g, buffer), (buffer, None))
+    # mu is rounded to the input's dtype: mean(x - mu) = -rounding error, taken out exactly
+    correction = sum_d.div_(m)
+    sum_g_x_mu = sum_g_d.sub_(correction * sum_g)
+    p, q, scale, inv_std = _backward_coefficients(g, gamma, var, eps, sum_g, sum_g_x_mu)
+    dx = buffer.mul_(p).add_(q - p * correction).addcmul_(g, scale)
+    return dx, (inv_std * sum_g_x_mu).view(-1), sum_g.view(-1)
+
+
+def _backward_coefficients(
+    g: Tensor, gamma: Tensor | None, var: Tensor, eps: float, sum_g: Tensor, sum_g_x_mu: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-channel ``(p, q, scale, inv_std)`` of ``dx = p * (x - mu) + q + scale * g``, the
+    closed form ``scale * (g - mean(g) - x_hat * mean(g * x_hat))`` regrouped."""
     m = g.numel() // g.shape[1]
     inv_std = reference._per_channel(torch.rsqrt(var + eps), g)
-    sum_g = g.sum(dims, keepdim=True)
-    buffer = torch.mul(g, x_mu)
-    sum_g_x_mu = buffer.sum(dims, keepdim=True)
     scale = inv_std if gamma is None else reference._per_channel(gamma, g) * inv_std
     p = (scale * (inv_std * (inv_std * sum_g_x_mu))).mul_(-1.0 / m)
     q = (scale * sum_g).mul_(-1.0 / m)
-    torch.addcmul(q, g, scale, out=buffer)  # scale * g + q ...
-    buffer.addcmul_(x_mu, p)  # ... + p * (x - mu)
-    return buffer, (inv_std * sum_g_x_mu).view(-1), sum_g.view(-1)
+    return p, q, scale, inv_std
 
 
 _compiled: dict[str, Callable[..., Any]] = {}  # a cache of the compiled kernels, made on first use
