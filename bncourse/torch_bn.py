@@ -252,23 +252,28 @@ def _resolve_kernels(name: str | None) -> str:
     return _KERNELS.get("fast") if name is None else name
 
 
-def _kernel_functions(name: str) -> tuple[Any, Any, Any]:
-    """``(forward, backward, backward_from_input)`` of the kernels ``name`` (resolved): the
-    forward returns ``(y, mu, var, x_mu)``; the backward takes the centred input ``x_mu`` when
-    the forward kept one, else ``backward_from_input`` takes ``x`` and ``mu`` (None: the
-    reference forward always keeps it)."""
+def _kernel_functions(name: str) -> tuple[Any, Any]:
+    """``(forward, backward)`` of the kernels ``name`` (resolved). The forward returns
+    ``(y, mu, var, saved)``; the backward is called as ``backward(g, x, mu, saved, gamma, var,
+    eps)``. ``saved`` is the centred input for the reference kernels, the pivots and shifts of
+    the fast ones and an empty tensor for the compiled ones (which recompute ``x - mu``)."""
     from bncourse.fast import torch_bn as fast  # the fast layer imports this module
 
     if name == "reference":
-        return batch_norm_forward, batch_norm_backward, None
+        return batch_norm_forward, lambda g, x, mu, x_mu, *rest: batch_norm_backward(
+            g, x_mu, *rest
+        )
     if name == "compiled":
         forward, backward_from_input = fast.compiled_kernels()
-        return forward, fast.batch_norm_backward, backward_from_input
+        return forward, lambda g, x, mu, _, *rest: backward_from_input(g, x, mu, *rest)
 
     def forward(x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float) -> Any:
         return fast.batch_norm_forward(x, gamma, beta, eps, False)  # keeps no centred input
 
-    return forward, fast.batch_norm_backward, fast.batch_norm_backward_from_input
+    def backward(g: Tensor, x: Tensor, mu: Tensor, centring: Tensor, *rest: Any) -> Any:
+        return fast.batch_norm_backward_from_input(g, x, centring, *rest)
+
+    return forward, backward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +298,7 @@ class _BatchNormFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, name: str | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        forward, _, _ = _kernel_functions(_resolve_kernels(name))
+        forward, _ = _kernel_functions(_resolve_kernels(name))
         return forward(x, gamma, beta, eps)
 
     @staticmethod
@@ -305,26 +310,24 @@ class _BatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, gamma, mu, var, x_mu)
         ctx.save_for_forward(x, gamma, mu, var, x_mu)
         ctx.eps, ctx.name = eps, _resolve_kernels(name)  # as the forward resolved it
-        ctx.kept_x_mu = x_mu.numel() == x.numel()  # False: fast and compiled forwards keep none
+        ctx.kept_x_mu = ctx.name == "reference"  # the fast and compiled forwards keep none
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, g: Tensor | None, g_mu: Tensor | None, g_var: Tensor | None, _: Any
     ) -> tuple[Tensor | None, ...]:
-        x, gamma, mu, var, x_mu = ctx.saved_tensors
+        x, gamma, mu, var, saved = ctx.saved_tensors
+        x_mu = saved
         need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
         dx = dgamma = dbeta = None
         recording = torch.is_grad_enabled()  # a graph of the backward: differentiable ops only
-        if not ctx.kept_x_mu and (recording or g_var is not None):
-            x_mu = x - _per_channel(mu, x)
+        if recording or (not ctx.kept_x_mu and g_var is not None):
+            x_mu = x - _per_channel(mu, x)  # (differentiable, from the saved x and mu)
         if g is not None and recording:
             dx, dgamma, dbeta = batch_norm_backward(g, x_mu, gamma, var, ctx.eps)
         elif g is not None:
-            _, backward, backward_from_input = _kernel_functions(ctx.name)
-            if ctx.kept_x_mu:
-                dx, dgamma, dbeta = backward(g, x_mu, gamma, var, ctx.eps)
-            else:
-                dx, dgamma, dbeta = backward_from_input(g, x, mu, gamma, var, ctx.eps)
+            _, backward = _kernel_functions(ctx.name)
+            dx, dgamma, dbeta = backward(g, x, mu, saved, gamma, var, ctx.eps)
         if g_mu is not None or g_var is not None:  # gradients through the statistics
             m = x.numel() // x.shape[1]
             extra = torch.zeros_like(x) if dx is None else dx
@@ -378,7 +381,7 @@ class _BatchNormFunction(torch.autograd.Function):
             folded, fold(gamma, in_dims[1]), fold(beta, in_dims[2]), eps, name
         )
         y = y.reshape(shape).movedim(1, 0)
-        if x_mu.numel() == 0:  # the fast kernels keep no centred input: nothing to unfold
+        if _resolve_kernels(name) != "reference":  # no centred input kept: nothing to unfold
             return (y, mu.view(size, -1), var.view(size, -1), x_mu), (0, 0, 0, None)
         x_mu = x_mu.reshape(shape).movedim(1, 0)
         return (y, mu.view(size, -1), var.view(size, -1), x_mu), (0, 0, 0, 0)

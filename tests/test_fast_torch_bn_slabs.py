@@ -48,8 +48,10 @@ def test_slab_sums_match_the_reference(shape, dtype, keep_centred, slabs_of_two)
         torch.testing.assert_close(ours[3], expected[3], **TOLERANCE[dtype])
         gradients = fast.batch_norm_backward(g, ours[3], gamma, ours[2], 1e-5)
     else:
-        assert ours[3].numel() == 0
-        gradients = fast.batch_norm_backward_from_input(g, x, ours[1], gamma, ours[2], 1e-5)
+        centring = ours[3]  # pivots, then mean(x - pivot): their sum is mu
+        assert centring.shape == (2 * shape[1],)
+        torch.testing.assert_close(centring[: shape[1]] + centring[shape[1] :], expected[1])
+        gradients = fast.batch_norm_backward_from_input(g, x, centring, gamma, ours[2], 1e-5)
     wanted = torch_bn.batch_norm_backward(g, expected[3], gamma, expected[2], 1e-5)
     for actual, want in zip(gradients, wanted, strict=True):
         torch.testing.assert_close(actual, want, **TOLERANCE[dtype])
@@ -62,10 +64,10 @@ def test_large_mean_stays_accurate_forward_and_backward(channels_last, slabs_of_
     x, g, gamma, beta = _inputs((9, 3, 4, 5), torch.float32, mean=1e4, channels_last=channels_last)
     slabs_of_two(x)
     exact = torch_bn.batch_norm_forward(x.double(), gamma.double(), beta.double(), 1e-5)
-    y, mu, var, _ = fast.batch_norm_forward(x, gamma, beta, 1e-5, False)
+    y, mu, var, centring = fast.batch_norm_forward(x, gamma, beta, 1e-5, False)
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
     torch.testing.assert_close(y.double(), exact[0], rtol=0, atol=1e-5)
-    dx, dgamma, dbeta = fast.batch_norm_backward_from_input(g, x, mu, gamma, var, 1e-5)
+    dx, dgamma, dbeta = fast.batch_norm_backward_from_input(g, x, centring, gamma, var, 1e-5)
     wanted = torch_bn.batch_norm_backward(g.double(), exact[3], gamma.double(), exact[2], 1e-5)
     torch.testing.assert_close(dx.double(), wanted[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(dgamma.double(), wanted[1], rtol=1e-5, atol=1e-4)
@@ -75,9 +77,9 @@ def test_constant_channel_gives_beta_exactly_and_finite_gradients(slabs_of_two):
     x, g, gamma, beta = _inputs((9, 3, 2, 2), torch.float32, mean=1e4)
     slabs_of_two(x)
     x[:, 1] = -1234.5678
-    y, mu, var, _ = fast.batch_norm_forward(x, gamma, beta, 1e-5, False)
+    y, mu, var, centring = fast.batch_norm_forward(x, gamma, beta, 1e-5, False)
     assert torch.equal(y[:, 1], beta[1].expand_as(y[:, 1]))
-    dx, dgamma, _ = fast.batch_norm_backward_from_input(g, x, mu, gamma, var, 1e-30)
+    dx, dgamma, _ = fast.batch_norm_backward_from_input(g, x, centring, gamma, var, 1e-30)
     assert torch.isfinite(dx).all() and dgamma[1] == 0
 
 
@@ -98,3 +100,4 @@ def test_modules_keep_no_centred_input_by_default_and_match_torch(slabs_of_two):
     y = ours(x.clone().requires_grad_(True))
     saved = [t for t in y.grad_fn.saved_tensors if isinstance(t, torch.Tensor)]
     assert sum(t.numel() == x.numel() for t in saved) == 1  # x only
+    assert saved[-1].shape == (2 * x.shape[1],)  # the pivots and shifts

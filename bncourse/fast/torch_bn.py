@@ -12,17 +12,17 @@ PyTorch's native kernel makes one new tensor each way (``y``, then ``dx``); so d
   tensor that becomes the output. The pivot is close to the data, so ``mean(d)`` is small and
   ``var = mean(d**2) - mean(d)**2`` loses no digits even for a mean of ``1e4`` in float32;
   a constant channel gives ``d = 0`` exactly (output exactly ``beta``).
-* **Sums without temporaries.** The per-channel sums of ``d``, ``d * d`` and, in the backward
-  pass, ``g`` and ``g * (x - mu)`` are accumulated slab by slab (about 512 KiB of whole
-  samples) into small buffers that stay in the CPU's cache, ``acc.addcmul_(slab, slab)``,
-  instead of writing a full-size ``d * d`` and summing it.
+* **Sums of products without temporaries.** The per-channel sums of ``d * d`` and, in the
+  backward pass, ``g * (x - pivot)`` are accumulated slab by slab (about 512 KiB of whole
+  samples) into a small buffer that stays in the CPU's cache, ``acc.addcmul_(slab, slab)``,
+  instead of writing a full-size product and summing it.
 * **Scale in place.** ``y = d * scale + (beta - mean(d) * scale)``: two in-place passes
   over ``d``, no new tensor.
 * **The backward from the input.** :func:`batch_norm_backward_from_input` keeps no centred
-  input between the passes: it writes ``x - mu`` into the tensor that becomes ``dx``, takes
-  the two sums from it slab by slab (and its mean, which re-centres exactly what the float32
-  rounding of ``mu`` moved), then turns it into ``dx = p * (x - mu) + q + scale * g`` in
-  place. ``p`` is formed as ``inv_std * (inv_std * sum(g * (x - mu)))`` so that
+  input between the passes: it writes ``x - pivot`` into the tensor that becomes ``dx``,
+  takes the sums from it, then turns it into ``dx = p * (x - mu) + q + scale * g`` in place,
+  with ``x - mu = (x - pivot) - mean(x - pivot)`` (exact, where ``x - mu`` with ``mu``
+  rounded to float32 would be off by the rounding). ``p`` is formed as ``inv_std * (inv_std * sum(g * (x - mu)))`` so that
   ``inv_std**2`` alone is never formed (it overflows float32 for a constant channel and a
   tiny ``eps``).
 
@@ -87,16 +87,18 @@ def batch_norm_forward(
 
     Returns ``(y, mu, var, x_mu)``: output (N, C, *), batch mean and biased variance (C,), and
     the centred input (N, C, *), the same values as the reference kernel up to rounding. With
-    ``keep_centred=False`` the centred input is not formed (one full-size tensor fewer) and
-    ``x_mu`` is an empty tensor; :func:`batch_norm_backward_from_input` is then the backward.
+    ``keep_centred=False`` the centred input is not formed (one full-size tensor fewer) and the
+    fourth output is instead ``centring`` (2C,): each channel's pivot, then ``mean(x - pivot)``
+    (their sum is ``mu``, more exactly than ``mu`` in the input's dtype), for
+    :func:`batch_norm_backward_from_input`.
     """
     dims = reference._reduction_dims(x)
     m = x.numel() // x.shape[1]
     # one sample per channel, a small contiguous copy (broadcasting a strided view is slow)
     pivot = x[(slice(0, 1), slice(None)) + (slice(0, 1),) * (x.dim() - 2)].contiguous()
     d = torch.sub(x, pivot)  # x - pivot, in x's memory layout; becomes y (or x - mu)
-    sum_d, sum_dd = _channel_sums(dims, (d, None), (d, d))
-    shift = sum_d.div_(m)  # mean(d) = mu - pivot, small
+    shift = d.sum(dims, keepdim=True).div_(m)  # mean(d) = mu - pivot, small
+    (sum_dd,) = _channel_sums(dims, (d, d))
     var = sum_dd.div_(m).sub_(shift * shift).clamp_(min=0.0)
     inv_std = (var + eps).rsqrt_()
     scale = inv_std if gamma is None else inv_std * reference._per_channel(gamma, x)
@@ -111,7 +113,7 @@ def batch_norm_forward(
     if beta is not None:
         offset += reference._per_channel(beta, x)
     y = d.mul_(scale).add_(offset)
-    return y, mu, var.view(-1), x.new_empty(0)
+    return y, mu, var.view(-1), torch.cat([pivot.view(-1), shift.view(-1)])
 
 
 def batch_norm_backward(
@@ -124,29 +126,32 @@ def batch_norm_backward(
     the backward is recorded.
     """
     dims = reference._reduction_dims(g)
-    sum_g, sum_g_x_mu = _channel_sums(dims, (g, None), (g, x_mu))
+    sum_g = g.sum(dims, keepdim=True)
+    (sum_g_x_mu,) = _channel_sums(dims, (g, x_mu))
     p, q, scale, inv_std = _backward_coefficients(g, gamma, var, eps, sum_g, sum_g_x_mu)
     dx = torch.mul(x_mu, p).add_(q).addcmul_(g, scale)
     return dx, (inv_std * sum_g_x_mu).view(-1), sum_g.view(-1)
 
 
 def batch_norm_backward_from_input(
-    g: Tensor, x: Tensor, mu: Tensor, gamma: Tensor | None, var: Tensor, eps: float
+    g: Tensor, x: Tensor, centring: Tensor, gamma: Tensor | None, var: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`batch_norm_backward` of ``x - mu``, from the input ``x`` (N, C, *) and its batch
-    mean ``mu`` (C,), forming ``x - mu`` in the tensor that becomes ``dx``.
+    """:func:`batch_norm_backward` from the input ``x`` (N, C, *) and the ``centring`` (2C,)
+    that :func:`batch_norm_forward` returned with ``keep_centred=False``; forms ``x - pivot``
+    in the tensor that becomes ``dx``.
 
     Returns ``(dx, dgamma, dbeta)``, shapes (N, C, *), (C,), (C,).
     """
     dims = reference._reduction_dims(g)
-    m = x.numel() // x.shape[1]
-    buffer = torch.sub(x, reference._per_channel(mu, x))  # x - mu, becomes dx
-    sum_g, sum_g_d, sum_d = _channel_sums(dims, (g, None), (g, buffer), (buffer, None))
-    # mu is rounded to the input's dtype: mean(x - mu) = -rounding error, taken out exactly
-    correction = sum_d.div_(m)
-    sum_g_x_mu = sum_g_d.sub_(correction * sum_g)
+    channels = x.shape[1]
+    pivot = reference._per_channel(centring[:channels], x)
+    shift = reference._per_channel(centring[channels:], x)  # x - mu = (x - pivot) - shift
+    buffer = torch.sub(x, pivot)  # becomes dx
+    sum_g = g.sum(dims, keepdim=True)
+    (sum_g_d,) = _channel_sums(dims, (g, buffer))
+    sum_g_x_mu = sum_g_d.sub_(shift * sum_g)
     p, q, scale, inv_std = _backward_coefficients(g, gamma, var, eps, sum_g, sum_g_x_mu)
-    dx = buffer.mul_(p).add_(q - p * correction).addcmul_(g, scale)
+    dx = buffer.mul_(p).add_(q - p * shift).addcmul_(g, scale)
     return dx, (inv_std * sum_g_x_mu).view(-1), sum_g.view(-1)
 
 
