@@ -80,6 +80,24 @@ def _channel_sums(dims: list[int], *terms: tuple[Tensor, Tensor | None]) -> list
     return sums
 
 
+def _sum_and_sum_of_squares(d: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
+    """Per-channel ``sum(d)`` and ``sum(d * d)``, shape (1, C, 1, ...), of ``d`` (N, C, *).
+
+    When every (sample, channel) pair is a contiguous row (NCHW layout), both are row
+    reductions over contiguous memory, the squares through the row norms, a single read
+    of ``d`` each; otherwise a plain sum and the slab-by-slab sum of squares."""
+    n, channels = d.shape[0], d.shape[1]
+    row = d.numel() // max(1, n * channels)
+    if d.dim() > 2 and row >= 16 and d.is_contiguous():
+        rows = d.view(n * channels, row)
+        shape = [1, channels] + [1] * (d.dim() - 2)
+        sums = rows.sum(1).view(n, channels).sum(0).view(shape)
+        squares = torch.linalg.vector_norm(rows, dim=1).square_()
+        return sums, squares.view(n, channels).sum(0).view(shape)
+    (squares,) = _channel_sums(dims, (d, d))
+    return d.sum(dims, keepdim=True), squares
+
+
 def batch_norm_forward(
     x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, keep_centred: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -97,8 +115,8 @@ def batch_norm_forward(
     # one sample per channel, a small contiguous copy (broadcasting a strided view is slow)
     pivot = x[(slice(0, 1), slice(None)) + (slice(0, 1),) * (x.dim() - 2)].contiguous()
     d = torch.sub(x, pivot)  # x - pivot, in x's memory layout; becomes y (or x - mu)
-    shift = d.sum(dims, keepdim=True).div_(m)  # mean(d) = mu - pivot, small
-    (sum_dd,) = _channel_sums(dims, (d, d))
+    sum_d, sum_dd = _sum_and_sum_of_squares(d, dims)
+    shift = sum_d.div_(m)  # mean(d) = mu - pivot, small
     var = sum_dd.div_(m).sub_(shift * shift).clamp_(min=0.0)
     inv_std = (var + eps).rsqrt_()
     scale = inv_std if gamma is None else inv_std * reference._per_channel(gamma, x)
