@@ -419,6 +419,27 @@ class Sweep:
 _NORMS = {"no BN": None, "BN": "bn"}
 
 
+def _sigmoid_mlp(
+    data: Dataset, norm: str | None, depth: int, width: int, init_scale: float, seed: int
+) -> nn.Module:
+    """The chapter's sigmoid MLP for ``data``, with ``torch.nn`` BN layers when ``norm="bn"``.
+
+    Built by :func:`bncourse.models.make_mlp` (seeded with ``seed``, the hidden layers' initial
+    weights times ``init_scale``); the sweeps and the saturation run all train this network.
+    """
+    return make_mlp(
+        data.num_features,
+        data.num_classes,
+        depth=depth,
+        width=width,
+        activation="sigmoid",
+        norm=norm,
+        bn_impl="torch",
+        init_scale=init_scale,
+        seed=seed,
+    )
+
+
 def _sweep(
     name: str,
     values: Sequence[float],
@@ -438,9 +459,7 @@ def _sweep(
         scale = value if name == "init_scale" else init_scale
 
         def make_model(norm: str | None, seed: int, scale: float = scale) -> nn.Module:
-            return make_mlp(data.num_features, data.num_classes, depth=depth, width=width,
-                            activation="sigmoid", norm=norm, bn_impl="torch",
-                            init_scale=scale, seed=seed)  # fmt: skip
+            return _sigmoid_mlp(data, norm, depth, width, scale, seed)
 
         histories = training.learning_rate_sweep(
             make_model,
@@ -590,17 +609,7 @@ def init_scale_effective_lr(
     data = load_digits() if data is None else data
     start, end, accuracy = [], [], []
     for scale in init_scales:
-        model = make_mlp(
-            data.num_features,
-            data.num_classes,
-            depth=depth,
-            width=width,
-            activation="sigmoid",
-            norm="bn",
-            bn_impl="torch",
-            init_scale=scale,
-            seed=seed,
-        )
+        model = _sigmoid_mlp(data, "bn", depth, width, scale, seed)
         start.append(_hidden_effective_lr(model, lr))
         history = train(
             model,
@@ -693,17 +702,7 @@ def saturation_over_training(
     fraction, final_accuracy, final_pre = {}, {}, {}
     recorded_steps = np.arange(0, steps, record_every)
     for label, norm in _NORMS.items():
-        model = make_mlp(
-            data.num_features,
-            data.num_classes,
-            depth=depth,
-            width=width,
-            activation="sigmoid",
-            norm=norm,
-            bn_impl="torch",
-            init_scale=init_scale,
-            seed=seed,
-        )
+        model = _sigmoid_mlp(data, norm, depth, width, init_scale, seed)
         fraction[label], final_accuracy[label], final_pre[label] = _saturation_run(
             model,
             data,
