@@ -56,6 +56,22 @@ __all__ = [
 ]
 
 
+def _relu_bn_mlp(data: Dataset, depth: int, width: int, bn_impl: str, seed: int) -> MLP:
+    """The chapter's model for ``data``: ``depth`` hidden ``Linear -> BatchNorm1d -> ReLU``
+    layers of ``width`` units, 10 outputs, from :func:`bncourse.models.make_mlp` seeded with
+    ``seed`` (``bn_impl``: ``"bncourse"`` or ``"torch"`` batch-norm layers)."""
+    return make_mlp(
+        data.num_features,
+        10,
+        depth=depth,
+        width=width,
+        activation="relu",
+        norm="bn",
+        bn_impl=bn_impl,
+        seed=seed,
+    )
+
+
 def train_bn_mlp(
     *,
     steps: int = 300,
@@ -89,16 +105,7 @@ def train_bn_mlp(
         The digits split the model was trained on.
     """
     data = load_digits(seed=seed)
-    model = make_mlp(
-        data.num_features,
-        10,
-        depth=depth,
-        width=width,
-        activation="relu",
-        norm="bn",
-        bn_impl=bn_impl,
-        seed=seed,
-    )
+    model = _relu_bn_mlp(data, depth, width, bn_impl, seed)
     train(
         model,
         data,
@@ -351,16 +358,7 @@ def statistics_over_training(
         device = get_device(device)
         data = load_digits(seed=seed)
         x_train, y_train, x_test, y_test = data.tensors(device)
-        model = make_mlp(
-            data.num_features,
-            10,
-            depth=depth,
-            width=width,
-            activation="relu",
-            norm="bn",
-            bn_impl="torch",
-            seed=seed,
-        ).to(device)
+        model = _relu_bn_mlp(data, depth, width, "torch", seed).to(device)
         shadows = _ShadowAverages(model, momenta)
         names = [f"moving average, momentum {m:g}" for m in momenta]
         result = StatisticsOverTraining(
@@ -560,16 +558,7 @@ def small_batch_mismatch(
         x_train, y_train, x_test, y_test = data.tensors(device)
         rows = []
         for batch_size in batch_sizes:
-            model = make_mlp(
-                data.num_features,
-                10,
-                depth=3,
-                width=100,
-                activation="relu",
-                norm="bn",
-                bn_impl="torch",
-                seed=seed,
-            ).to(device)
+            model = _relu_bn_mlp(data, 3, 100, "torch", seed).to(device)
             _sgd_steps(
                 model,
                 data,
