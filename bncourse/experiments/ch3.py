@@ -690,34 +690,29 @@ def compare_affine(
     AffineComparison
     """
     data = load_digits()
+
+    def fit(model: torch.nn.Module) -> TrainingHistory:
+        """Train ``model`` in place the way every run of the comparison is trained."""
+        return train(
+            model,
+            data,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            eval_every=eval_every,
+            device=device,
+        )
+
     histories, linearity = {}, {}
     gamma = beta = []
     for norm in ("bn", "bn_no_affine"):
         label = LABELS[norm]
         model = make_mlp(64, 10, depth=depth, width=width, norm=norm, seed=seed)
-        histories[label] = train(
-            model,
-            data,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            eval_every=eval_every,
-            device=device,
-        )
+        histories[label] = fit(model)
         linearity[label] = _layer_linearity(model, data.x_train)
         if norm == "bn":
             gamma, beta = _learned_affine(model)
     if include_linear:
-        model = make_mlp(64, 10, depth=0, seed=seed)
-        histories["linear"] = train(
-            model,
-            data,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            eval_every=eval_every,
-            device=device,
-        )
+        histories["linear"] = fit(make_mlp(64, 10, depth=0, seed=seed))
     return AffineComparison(histories, gamma, beta, linearity)
