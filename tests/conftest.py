@@ -1,4 +1,5 @@
-"""Shared helpers of the tests of the course tooling (student edition, nbgrader, website)."""
+"""Shared fixtures of the tests: one PyTorch thread, and the helpers of the tests of the course
+tooling (student edition, nbgrader, website)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,19 @@ def _solution_lines(notebook: dict) -> set[str]:
 def solution_lines():
     """The function that lists a notebook's reference-solution lines (see ``_solution_lines``)."""
     return _solution_lines
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a test module with one PyTorch thread, restored afterwards.
+
+    The tensors of those tests are small: one thread is as fast and steadier on a shared
+    machine. A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

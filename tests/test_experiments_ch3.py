@@ -9,13 +9,7 @@ import torch
 from bncourse import numpy_bn
 from bncourse.experiments import ch3
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("shape", [(16, 3), (4, 3, 5, 2)])

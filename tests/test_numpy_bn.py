@@ -32,6 +32,9 @@ from bncourse.numpy_bn import (
 )
 from bncourse.utils import finite_difference_gradient
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 KERNEL_SETS = [
     SimpleNamespace(
         batch_norm_forward=module.batch_norm_forward,
@@ -69,15 +72,6 @@ def test_fast_kernels_hand_small_inputs_to_the_reference(monkeypatch):
         _, cache = fast_numpy_bn.batch_norm_forward(x, None, None)
         fast_numpy_bn.batch_norm_backward(x, cache)
         assert len(calls) == expected, shape
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are small: one thread is as fast and steadier on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 TOLERANCE = {np.float64: dict(rtol=1e-10, atol=1e-10), np.float32: dict(rtol=1e-5, atol=3e-5)}

@@ -21,14 +21,7 @@ from bncourse.fast import torch_bn as fast_torch_bn
 from bncourse.fast.torch_bn import compiled_kernels
 from bncourse.torch_bn import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm, fold_batch_norm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are small: one thread is as fast and steadier on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TOLERANCE = {
