@@ -19,16 +19,22 @@ result cast back, as PyTorch does.
 
 from __future__ import annotations
 
-import math
+import contextlib
+import contextvars
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "normalize",
+    "normalize_forward",
+    "normalize_backward",
+    "use_kernels",
+    "kernels",
     "layer_norm",
     "rms_norm",
     "group_norm",
@@ -56,50 +62,162 @@ def _sum_to_shape(a: Tensor, shape: torch.Size) -> Tensor:
     return (a.sum(dim=dims, keepdim=True) if dims else a).reshape(shape)
 
 
+def normalize_forward(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dims: tuple[int, ...],
+    eps: float,
+    center: bool,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The reference forward: ``y = weight * (x - mean) / sqrt(var + eps) + bias`` over ``dims``.
+
+    Returns ``(y, (input, mean, inv_std))``: the output, and what the backward needs (the mean and
+    ``1 / sqrt(var + eps)`` keep the size-1 ``dims``). No centred input is kept: the backward
+    recomputes ``x_hat`` from the input.
+    """
+    x = input.to(_compute_dtype(input.dtype))
+    kept = [1 if i in dims else n for i, n in enumerate(x.shape)]
+    mean = x.mean(dim=dims, keepdim=True) if center else x.new_zeros(kept)
+    centred = x - mean
+    variance = (centred * centred).mean(dim=dims, keepdim=True)  # biased; the mean square
+    inv_std = torch.rsqrt(variance + eps)
+    x_hat = centred * inv_std
+    y = x_hat if weight is None else x_hat * weight
+    y = y if bias is None else y + bias
+    return y.to(input.dtype), (input, mean, inv_std)
+
+
+def normalize_backward(
+    dy: Tensor,
+    saved: tuple[Tensor, ...],
+    weight: Tensor | None,
+    bias_shape: torch.Size | None,
+    dims: tuple[int, ...],
+    center: bool,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The reference backward of :func:`normalize_forward`: ``(dx, dweight, dbias)``.
+
+    With ``g = weight * dy``: ``dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma`` (no
+    ``mean(g)`` without centring); ``dweight`` and ``dbias`` are the sums of ``dy * x_hat`` and
+    ``dy`` over the dims along which they were broadcast. None where ``needs`` says no.
+    """
+    input, mean, inv_std = saved
+    x_hat = (input.to(mean.dtype) - mean) * inv_std
+    dy_out = dy.to(x_hat.dtype)
+    dx = dweight = dbias = None
+    if needs[0]:
+        g = dy_out if weight is None else dy_out * weight
+        projection = (g * x_hat).mean(dim=dims, keepdim=True)
+        dx = g - x_hat * projection
+        if center:
+            dx = dx - g.mean(dim=dims, keepdim=True)
+        dx = (dx * inv_std).to(dy.dtype)
+    if weight is not None and needs[1]:
+        dweight = _sum_to_shape(dy_out * x_hat, weight.shape).to(weight.dtype)
+    if bias_shape is not None and needs[2]:
+        dbias = _sum_to_shape(dy_out, bias_shape)
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# Which kernels run: a context variable, switched by a function or a context manager
+# ---------------------------------------------------------------------------------------------
+
+KERNELS = ("fast", "reference")
+_KERNELS: contextvars.ContextVar[str] = contextvars.ContextVar("bncourse_torch_norm_kernels")
+
+
+def _check_kernels_name(name: Any) -> str:
+    if name not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(map(repr, KERNELS))}, got {name!r}")
+    return name
+
+
+def use_kernels(name: str) -> str:
+    """Choose the kernels of :func:`normalize` and of the modules.
+
+    Parameters
+    ----------
+    name : {"fast", "reference"}
+        ``"fast"`` (the default): :mod:`bncourse.fast.torch_norm`, the same formulas over chunks
+        of rows that stay in the cache (inputs it does not handle, such as non-contiguous or
+        half-precision ones, use the reference). ``"reference"``: :func:`normalize_forward` and
+        :func:`normalize_backward` of this module, which read like the book. Inside
+        ``torch.compile`` the reference formulas run, fused by the compiler.
+
+    Returns
+    -------
+    str
+        The previous choice, so that ``previous = use_kernels("reference"); ...;
+        use_kernels(previous)`` restores it (a :mod:`contextvars` variable, as in
+        :func:`bncourse.torch_bn.use_kernels`).
+    """
+    previous = _KERNELS.get("fast")
+    _KERNELS.set(_check_kernels_name(name))
+    return previous
+
+
+@contextlib.contextmanager
+def kernels(name: str) -> Iterator[None]:
+    """Context manager: :func:`use_kernels` ``(name)`` inside the block, the previous choice
+    after it (also when the block raises). ``with torch_norm.kernels("reference"): ...``."""
+    token = _KERNELS.set(_check_kernels_name(name))
+    try:
+        yield
+    finally:
+        _KERNELS.reset(token)
+
+
+def _use_fast(
+    name: str | None, input: Tensor, weight: Tensor | None, bias: Tensor | None, dims: tuple
+) -> bool:
+    """Whether the fast kernels run: chosen, not compiling, and an input they handle."""
+    from bncourse.fast import torch_norm as fast  # the fast layer sits on top of this module
+
+    if torch.compiler.is_compiling():
+        return False
+    name = _KERNELS.get("fast") if name is None else _check_kernels_name(name)
+    return name == "fast" and fast.supports(input, weight, bias, dims)
+
+
 class _Normalize(torch.autograd.Function):
     """``y = weight * (x - mean) / sqrt(var + eps) + bias`` over ``dims``, hand-derived backward."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, dims, eps, center):
-        x = input.to(_compute_dtype(input.dtype))
-        if center:
-            x = x - x.mean(dim=dims, keepdim=True)
-        # the biased variance (or the mean square) as a squared norm: one pass, no x * x array
-        count = math.prod([x.shape[d] for d in dims])
-        variance = torch.linalg.vector_norm(x, dim=dims, keepdim=True).square() / count
-        inv_std = torch.rsqrt(variance + eps)
-        # x_hat; in place where x is already a tensor of our own (centred or converted)
-        x_hat = x.mul_(inv_std) if x is not input else x * inv_std
-        if weight is None:
-            y = x_hat if bias is None else x_hat + bias
+    def forward(ctx, input, weight, bias, dims, eps, center, kernels):
+        fast = _use_fast(kernels, input, weight, bias, dims)
+        if fast:
+            from bncourse.fast import torch_norm as fast_kernels
+
+            y, saved = fast_kernels.normalize_forward(input, weight, bias, dims, eps, center)
         else:
-            y = x_hat * weight if bias is None else torch.addcmul(bias, x_hat, weight)
-        ctx.save_for_backward(x_hat, inv_std, weight)
-        ctx.dims, ctx.center = dims, center
+            y, saved = normalize_forward(input, weight, bias, dims, eps, center)
+        ctx.save_for_backward(*saved, weight)
+        ctx.dims, ctx.center, ctx.fast = dims, center, fast
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.to(input.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_hat, inv_std, weight = ctx.saved_tensors
-        dims = ctx.dims
-        dy_out = dy.to(x_hat.dtype)
-        dx = dweight = dbias = None
-        if ctx.needs_input_grad[0]:
-            g = dy_out * weight if weight is not None else dy_out.clone()
-            # dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma; no mean(g) without centring
-            projection = (g * x_hat).mean(dim=dims, keepdim=True)
-            g_mean = g.mean(dim=dims, keepdim=True) if ctx.center else None
-            dx = g.addcmul_(x_hat, projection, value=-1)  # g is ours: update it in place
-            if g_mean is not None:
-                dx.sub_(g_mean)
-            dx = dx.mul_(inv_std).to(dy.dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            dweight = _sum_to_shape(dy_out * x_hat, weight.shape).to(weight.dtype)
-        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
-            dbias = _sum_to_shape(dy_out, ctx.bias_shape).to(ctx.bias_dtype)
-        return dx, dweight, dbias, None, None, None
+        *saved, weight = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        args = (weight, ctx.bias_shape, ctx.dims, ctx.center, needs)
+        if ctx.fast and not torch.is_grad_enabled():
+            from bncourse.fast import torch_norm as fast_kernels
+
+            grads = fast_kernels.normalize_backward(dy, tuple(saved), *args)
+        else:
+            if ctx.fast:  # a graph of the backward is recorded: the reference, differentiable
+                input, pivot, shift, inv_std = saved
+                keep = input.shape[: input.dim() - len(ctx.dims)] + (1,) * len(ctx.dims)
+                saved = [input, (pivot + shift).view(keep), inv_std.view(keep)]
+            grads = normalize_backward(dy, tuple(saved), *args)
+        dx, dweight, dbias = grads
+        dbias = None if dbias is None else dbias.to(ctx.bias_dtype)
+        return dx, dweight, dbias, None, None, None, None
 
 
 def normalize(
@@ -109,6 +227,7 @@ def normalize(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     center: bool = True,
+    kernels: str | None = None,
 ) -> Tensor:
     """Normalise ``input`` over ``dims``, then scale and shift: the whole family in one function.
 
@@ -123,6 +242,8 @@ def normalize(
     eps : float, default 1e-5
     center : bool, default True
         False divides by the root mean square instead (RMSNorm).
+    kernels : {"fast", "reference"}, optional
+        Which kernels run; None follows :func:`use_kernels` (``"fast"`` unless changed).
 
     Returns
     -------
@@ -134,8 +255,8 @@ def normalize(
         return output if bias is None else output + bias
     if bias is not None and weight is None:
         # a shift alone: normalise, then add (autograd handles the addition)
-        return _Normalize.apply(input, None, None, dims, float(eps), center) + bias
-    return _Normalize.apply(input, weight, bias, dims, float(eps), center)
+        return _Normalize.apply(input, None, None, dims, float(eps), center, kernels) + bias
+    return _Normalize.apply(input, weight, bias, dims, float(eps), center, kernels)
 
 
 def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:

@@ -1,0 +1,264 @@
+"""Speed-tuned kernels for :mod:`bncourse.torch_norm`, same names and signatures.
+
+:func:`normalize_forward` and :func:`normalize_backward` compute what the reference kernels of
+:mod:`bncourse.torch_norm` compute (``tests/test_torch_norm.py`` checks them against each other)
+for a contiguous input whose statistics run over its trailing dims (every layer of the family:
+LayerNorm and RMSNorm on ``(*, D)``, GroupNorm on ``(N, G, C // G, *spatial)``, InstanceNorm on
+``(N, C, *spatial)``). The input is seen as rows ``(R, S, L)``: one statistic per row, the scale
+and shift constant along ``L`` (per column for LayerNorm, ``L = 1``; per channel for GroupNorm;
+per row for InstanceNorm, ``S = 1``). The rows are processed in chunks of about 512 KB, small
+enough to stay in the cache, so that each full-size array is read or written once:
+
+* forward: per chunk, ``x - pivot`` (one sample of each row: a constant row gives exactly 0, and
+  a large mean cancels exactly) goes into the output's memory, its mean is subtracted, its squares
+  are summed in a small scratch buffer, and it is scaled and shifted in place. Reads ``x`` once,
+  writes ``y`` once; saves the input and three numbers per row, no centred copy.
+* backward: per chunk, ``x - mean`` is recomputed into the memory of ``dx``, the row sums of
+  ``g`` and ``g * (x - mean)`` and the sums of ``dweight`` and ``dbias`` are taken from the
+  cache, then ``dx = inv_std * (weight * dy + p * (x - mean) + q)`` with per-row ``p`` and
+  ``q``, in place. Reads ``x`` and ``dy`` once, writes ``dx`` once.
+
+Any other input (non-contiguous, half precision, statistics over dims that are not trailing) is
+computed by the reference kernels, as is a backward that is itself differentiated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["normalize_forward", "normalize_backward", "supports"]
+
+CHUNK_BYTES = 512 * 1024  # one chunk of rows (and its scratch) stays in a 1-4 MB L2 cache
+
+
+def _first_trailing(shape: torch.Size, dims: tuple[int, ...]) -> int:
+    """k with ``dims == (k, ..., ndim - 1)``, or -1 when the dims are not the trailing ones."""
+    k = len(shape) - len(dims)
+    return k if dims == tuple(range(k, len(shape))) else -1
+
+
+def _param_layout(x: Tensor, k: int, param: Tensor | None) -> tuple[int, bool] | None:
+    """``(m, per_column)`` for a scale or shift broadcast to ``x``: it varies along the dims
+    ``k .. m - 1`` (``m = k``: it is constant along each row); ``per_column``: it is the same for
+    every row. None when it is not of a shape the kernels handle."""
+    if param is None:
+        return len(x.shape), True
+    if param.dim() > x.dim():
+        return None
+    shape = (1,) * (x.dim() - param.dim()) + tuple(param.shape)
+    varying = [i for i, n in enumerate(shape) if n != 1]
+    if any(shape[i] != x.shape[i] for i in varying):
+        return None
+    inner = [i for i in varying if i >= k]
+    m = inner[-1] + 1 if inner else k
+    if any(shape[i] == 1 and x.shape[i] != 1 for i in range(k, m)):
+        return None  # constant along a dim inside the varying block: not handled
+    return m, all(i >= k for i in varying)
+
+
+def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims: tuple[int, ...]) -> bool:
+    """Whether :func:`normalize_forward` handles these arguments (else use the reference)."""
+    if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.numel() == 0:
+        return False
+    k = _first_trailing(x.shape, dims)
+    if k < 1:
+        return False
+    layouts = [_param_layout(x, k, p) for p in (weight, bias)]
+    if any(lay is None for lay in layouts):
+        return False
+    if weight is not None and bias is not None and layouts[0] != layouts[1]:
+        return False
+    for p in (weight, bias):
+        if p is not None and (p.dtype != x.dtype or p.device != x.device):
+            return False
+    return True
+
+
+def _rows(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor | None):
+    """``(R, S, L, per_column)`` of the row view and the scale and shift as (1 or R, S, 1)."""
+    k = _first_trailing(x.shape, dims)
+    params = weight if weight is not None else bias
+    m, per_column = _param_layout(x, k, params)
+    if params is None:
+        m = k
+    r = math.prod(x.shape[:k])
+    s = math.prod(x.shape[k:m])
+    ell = math.prod(x.shape[m:])
+
+    def view(p: Tensor | None) -> Tensor | None:
+        if p is None:
+            return None
+        full = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
+        if per_column:
+            return p.reshape(_row_shape(1, s, 1, ell))
+        return p.reshape(full).expand(*x.shape[:m], *full[m:]).reshape(_row_shape(r, s, 1, ell))
+
+    return r, s, ell, per_column, view(weight), view(bias)
+
+
+def _row_shape(r: int, s: int, ell: int, like: int | None = None) -> tuple[int, ...]:
+    """(r, s, ell), or (r, s) when the rows have no L dim (``like`` when given decides): an
+    inner dim of size 1 makes PyTorch's elementwise kernels very slow."""
+    return (r, s, ell) if (ell if like is None else like) > 1 else (r, s)
+
+
+def _chunk_rows(row_elements: int, element_size: int) -> int:
+    return max(1, CHUNK_BYTES // (row_elements * element_size))
+
+
+def normalize_forward(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dims: tuple[int, ...],
+    eps: float,
+    center: bool,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Normalise over the trailing ``dims``; see :func:`bncourse.torch_norm.normalize_forward`.
+
+    Returns ``(y, saved)``: the output (shape of ``input``) and what the backward needs, the input
+    and the pivot, the mean of ``x - pivot`` and ``1 / sqrt(var + eps)``, each of shape (R,).
+    Requires :func:`supports`.
+    """
+    r, s, ell, _, w, b = _rows(input, dims, weight, bias)
+    d = s * ell
+    x = input.view(_row_shape(r, s, ell))
+    y = torch.empty_like(x)
+    zeros = x.new_zeros(_row_shape(r, 1, 1, ell))
+    pivot = x[(slice(None),) + (slice(0, 1),) * (x.dim() - 1)].contiguous() if center else zeros
+    shift = zeros.clone()
+    inv_std = torch.empty_like(zeros)
+    k = _chunk_rows(d, x.element_size())
+    scratch = x.new_empty((min(k, r),) + x.shape[1:])
+    red = tuple(range(1, x.dim()))
+    for start in range(0, r, k):
+        rows = slice(start, min(start + k, r))
+        yc, n = y[rows], yc_len(rows, r)
+        sq = scratch[:n]
+        if center:
+            torch.sub(x[rows], pivot[rows], out=yc)
+            m = yc.sum(red, keepdim=True).div_(d)  # small: the mean minus the pivot
+            shift[rows] = m
+            yc.sub_(m)
+        else:
+            yc.copy_(x[rows])
+        var = torch.mul(yc, yc, out=sq).sum(red, keepdim=True).div_(d)
+        inv = var.add_(eps).rsqrt_()
+        inv_std[rows] = inv
+        yc.mul_(inv)
+        if w is not None:
+            wc = w if w.shape[0] == 1 else w[rows]
+            if b is not None:
+                torch.addcmul(b if b.shape[0] == 1 else b[rows], yc, wc, out=yc)
+            else:
+                yc.mul_(wc)
+        elif b is not None:
+            yc.add_(b if b.shape[0] == 1 else b[rows])
+    return y.view(input.shape), (input, pivot.view(-1), shift.view(-1), inv_std.view(-1))
+
+
+def yc_len(rows: slice, r: int) -> int:
+    """Number of rows of a chunk."""
+    return min(rows.stop, r) - rows.start
+
+
+def normalize_backward(
+    dy: Tensor,
+    saved: tuple[Tensor, ...],
+    weight: Tensor | None,
+    bias_shape: torch.Size | None,
+    dims: tuple[int, ...],
+    center: bool,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`normalize_forward`: ``(dx, dweight, dbias)`` (None where not needed).
+
+    ``dx = inv_std * (g - mean(g) - x_hat * mean(g * x_hat))`` with ``g = weight * dy``, written
+    as ``inv_std * (weight * dy + p * (x - mean) + q)``. ``dweight`` and ``dbias`` have the shapes
+    of ``weight`` and of ``bias_shape``.
+    """
+    input, pivot, shift, inv_std = saved
+    bias = None if bias_shape is None else input.new_empty(bias_shape)
+    r, s, ell, per_column, w, _ = _rows(input, dims, weight, bias)
+    d = s * ell
+    x = input.view(_row_shape(r, s, ell))
+    g = dy.contiguous().view(x.shape)
+    stats = _row_shape(r, 1, 1, ell)
+    pivot, shift, inv_std = pivot.view(stats), shift.view(stats), inv_std.view(stats)
+    need_dx, need_dw, need_db = needs[0], needs[1] and weight is not None, needs[2] and bias_shape
+    dx = torch.empty_like(x)
+    k = _chunk_rows(d, x.element_size())
+    scratch = x.new_empty((min(k, r),) + x.shape[1:])
+    # sums over L of dy and dy * (x - mean) per (row, s), kept per row for the parameters
+    col_dw = x.new_zeros(s) if per_column else x.new_empty(r, s)
+    col_db = x.new_zeros(s) if per_column else x.new_empty(r, s)
+    wv = None if w is None else w.view(-1, s)
+    for start in range(0, r, k):
+        rows = slice(start, min(start + k, r))
+        n = yc_len(rows, r)
+        t, prod = dx[rows], scratch[:n]
+        if center:
+            torch.sub(x[rows], pivot[rows], out=t)
+            t.sub_(shift[rows])
+        else:
+            t.copy_(x[rows])
+        gc = g[rows]
+        torch.mul(gc, t, out=prod)
+        b_rs = prod.sum(2) if ell > 1 else prod.view(n, s)  # sum dy * (x - mean), (n, S)
+        a_rs = gc.sum(2) if ell > 1 else gc.view(n, s)  # sum dy, (n, S)
+        inv = inv_std[rows]
+        if need_dw:
+            if per_column:
+                col_dw.addmv_(b_rs.t(), inv.view(-1))
+            else:
+                torch.mul(b_rs, inv.view(n, 1), out=col_dw[rows])
+        if need_db:
+            if per_column:
+                col_db.add_(a_rs.sum(0))
+            else:
+                col_db[rows] = a_rs
+        if not need_dx:
+            continue
+        wc = None if wv is None else (wv if wv.shape[0] == 1 else wv[rows])
+        if wc is None:
+            sum_g, sum_gt = a_rs.sum(1), b_rs.sum(1)
+        elif per_column:
+            sum_g, sum_gt = a_rs @ wc.view(-1), b_rs @ wc.view(-1)
+        else:
+            sum_g, sum_gt = (a_rs * wc).sum(1), (b_rs * wc).sum(1)
+        inv1 = inv.view(-1)
+        p = (inv1 * (inv1 * sum_gt)).mul_(-1.0 / d).view(inv.shape)
+        t.mul_(p)
+        if center:
+            t.sub_(sum_g.div_(d).view(inv.shape))
+        if wc is None:
+            t.add_(gc)
+        else:
+            t.addcmul_(gc, w if w.shape[0] == 1 else w[rows])
+        t.mul_(inv)
+    dweight = dbias = None
+    if need_dw:
+        dweight = _to_param_shape(col_dw, input, dims, weight.shape, per_column)
+    if need_db:
+        dbias = _to_param_shape(col_db, input, dims, bias_shape, per_column)
+    return (dx.view(input.shape) if need_dx else None), dweight, dbias
+
+
+def _to_param_shape(
+    sums: Tensor, input: Tensor, dims: tuple[int, ...], shape: torch.Size, per_column: bool
+) -> Tensor:
+    """Sums per (row, s) or per s, summed over the rows along which the parameter of ``shape``
+    is broadcast, reshaped to ``shape``."""
+    if per_column:
+        return sums.reshape(shape)
+    k = _first_trailing(input.shape, dims)
+    full = (1,) * (input.dim() - len(shape)) + tuple(shape)
+    m = max([i + 1 for i in range(k, input.dim()) if full[i] != 1], default=k)
+    per_row = sums.view(*input.shape[:m])
+    lead = tuple(i for i in range(k) if full[i] == 1)
+    if lead:
+        per_row = per_row.sum(lead, keepdim=True)
+    return per_row.reshape(shape)
