@@ -6,20 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _shapes import SHAPES
 
 from bncourse import torch_bn
 from bncourse.fast import torch_bn as fast
 
-SHAPES = [
-    (8, 3),
-    (6, 1),
-    (4, 3, 7),
-    (1, 3, 5),
-    (3, 2, 1),
-    (2, 3, 4, 5),
-    (5, 1, 2, 2),
-    (2, 3, 2, 3, 4),
-]
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=2e-5)}
 
 

@@ -15,6 +15,7 @@ import functools
 import zlib
 from types import SimpleNamespace
 
+import _shapes
 import numpy as np
 import pytest
 import torch
@@ -76,21 +77,8 @@ def test_fast_kernels_hand_small_inputs_to_the_reference(monkeypatch):
 
 TOLERANCE = {np.float64: dict(rtol=1e-10, atol=1e-10), np.float32: dict(rtol=1e-5, atol=3e-5)}
 
-# 2-D to 5-D; C = 1; spatial size 1; N = 1 with spatial size > 1
-SHAPES = [
-    (8, 3),
-    (6, 1),
-    (2, 5),
-    (4, 3, 7),
-    (1, 3, 5),
-    (3, 2, 1),
-    (2, 3, 4, 5),
-    (1, 2, 3, 3),
-    (5, 1, 2, 2),
-    (3, 4, 1, 1),
-    (2, 3, 2, 3, 4),
-    (1, 2, 2, 2, 2),
-]
+# the shared parity shapes (tests/_shapes.py) and one with more channels than examples
+SHAPES = [*_shapes.SHAPES, (2, 5)]
 
 TORCH_MODULES = {
     2: torch.nn.BatchNorm1d,

@@ -12,6 +12,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from _shapes import SHAPES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -31,20 +32,6 @@ TOLERANCE = {
     torch.bfloat16: dict(rtol=4e-2, atol=4e-2),
 }
 
-# 2-D to 5-D; C = 1; spatial size 1; N = 1 with spatial size > 1
-SHAPES = [
-    (8, 3),
-    (6, 1),
-    (4, 3, 7),
-    (1, 3, 5),
-    (3, 2, 1),
-    (2, 3, 4, 5),
-    (1, 2, 3, 3),
-    (5, 1, 2, 2),
-    (3, 4, 1, 1),
-    (2, 3, 2, 3, 4),
-    (1, 2, 2, 2, 2),
-]
 
 OURS = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
 NATIVE = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
