@@ -708,11 +708,7 @@ def test_bad_constructor_arguments(bn, kwargs, message):
 # Property-based tests
 # ---------------------------------------------------------------------------------------------
 
-shapes = (
-    st.lists(st.integers(1, 4), min_size=2, max_size=5)
-    .map(tuple)
-    .filter(lambda s: int(np.prod(s)) // s[1] > 1)
-)
+shapes = _shapes.random_shapes()
 
 
 @BOTH

@@ -6,13 +6,12 @@ their own rounding steps. CUDA tests carry the ``cuda`` marker and are skipped w
 
 from __future__ import annotations
 
-import math
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _shapes import SHAPES
+from _shapes import SHAPES, random_shapes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -662,11 +661,7 @@ def test_fold_errors():
 # Property-based tests
 # ---------------------------------------------------------------------------------------------
 
-shapes = (
-    st.lists(st.integers(1, 4), min_size=2, max_size=5)
-    .map(tuple)
-    .filter(lambda s: math.prod(s) // s[1] > 1)
-)
+shapes = random_shapes()
 
 
 @settings(max_examples=40, deadline=None)
