@@ -242,18 +242,24 @@ def test_recompute_errors():
 # The affine map and folding
 
 
+def _random_statistics(bn: nn.Module, var_range: tuple[float, float]) -> nn.Module:
+    """``bn`` in evaluation mode with random running statistics (the variances uniform in
+    ``var_range``) and, when it has them, random ``weight`` and ``bias``; drawn from torch's
+    global generator."""
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(*var_range)
+        if bn.affine:
+            bn.weight.normal_()
+            bn.bias.normal_()
+    return bn.eval()
+
+
 @pytest.mark.parametrize("bn_class", BN_CLASSES)
 @pytest.mark.parametrize("affine", [True, False])
 def test_inference_affine_matches_the_layer(bn_class, affine):
     torch.manual_seed(0)
-    bn = bn_class(5, affine=affine, eps=1e-3)
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        if affine:
-            bn.weight.normal_()
-            bn.bias.normal_()
-    bn.eval()
+    bn = _random_statistics(bn_class(5, affine=affine, eps=1e-3), var_range=(0.5, 2.0))
     x = torch.randn(7, 5)
     scale, shift = inference.inference_affine(bn)
     torch.testing.assert_close(bn(x).detach(), scale * x + shift)
@@ -322,13 +328,7 @@ def test_fold_batch_norm_every_layer_and_dimension(kind, bn_module, bias, affine
     make_layer, shape, norm_name = LAYERS_AND_NORMS[kind]
     layer = make_layer(bias).double()
     bn = getattr(bn_module, norm_name)(4, affine=affine).double()
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.2, 3.0)
-        if affine:
-            bn.weight.normal_()
-            bn.bias.normal_()
-    bn.eval()
+    bn = _random_statistics(bn, var_range=(0.2, 3.0))
     x = torch.randn(shape, dtype=torch.float64)
     folded = inference.fold_batch_norm(layer, bn)
     assert type(folded) is type(layer) and folded.bias is not None
