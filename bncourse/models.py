@@ -165,14 +165,16 @@ class MLP(nn.Module):
         return f"activation={self.activation_name!r}, norm={self.norm_name!r}"
 
 
-def _batch_norm_class(bn_impl: str) -> type[nn.Module]:
+def _batch_norm_class(bn_impl: str, dims: int = 1) -> type[nn.Module]:
+    """``BatchNorm{dims}d`` of ``torch.nn`` (``bn_impl="torch"``) or of
+    :mod:`bncourse.torch_bn` (``"bncourse"``)."""
     if bn_impl == "torch":
-        return nn.BatchNorm1d
+        return getattr(nn, f"BatchNorm{dims}d")
     if bn_impl == "bncourse":
         # Imported here so that this module imports even where torch_bn is not available.
-        from bncourse.torch_bn import BatchNorm1d
+        from bncourse import torch_bn
 
-        return BatchNorm1d
+        return getattr(torch_bn, f"BatchNorm{dims}d")
     raise ValueError(f"bn_impl must be one of {BN_IMPLS}, got {bn_impl!r}")
 
 
@@ -291,16 +293,6 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Convolutional networks (chapter 5)
-
-
-def _batch_norm_2d_class(bn_impl: str) -> type[nn.Module]:
-    if bn_impl == "torch":
-        return nn.BatchNorm2d
-    if bn_impl == "bncourse":
-        from bncourse.torch_bn import BatchNorm2d
-
-        return BatchNorm2d
-    raise ValueError(f"bn_impl must be one of {BN_IMPLS}, got {bn_impl!r}")
 
 
 class ConvBlock(nn.Module):
@@ -489,7 +481,7 @@ def make_cnn(
             f"2 ** len(channels) = {factor}"
         )
 
-    batch_norm = _batch_norm_2d_class(bn_impl) if norm is not None else None
+    batch_norm = _batch_norm_class(bn_impl, dims=2) if norm is not None else None
     conv_bias = (norm is None) if bias is None else bias
 
     def build() -> CNN:
