@@ -277,7 +277,8 @@ def batch_norm_forward(
     var = _channel_sum(x_hat, x_hat) / m  # biased variance
     inv_std = 1.0 / np.sqrt(var + eps)
     x_hat *= col(inv_std)  # (x - mu) / sqrt(var + eps)
-    out = x_hat * col(gamma) + col(beta)
+    out = x_hat * col(gamma)
+    out += col(beta)
 
     x_hat = x_hat.astype(x.dtype, copy=False)
     cache = BatchNormCache(x, x_hat, mean=mu, var=var, inv_std=inv_std, gamma=gamma, eps=eps)
@@ -326,7 +327,10 @@ def batch_norm_backward(
     dbeta = _channel_sum(g)  # sum of g
     dgamma = _channel_sum(g, x_hat)  # sum of g * x_hat
     scale = cache.gamma * cache.inv_std  # gamma / sqrt(var + eps)
-    dx = col(scale) * (g - col(dbeta / m) - x_hat * col(dgamma / m))
+    dx = x_hat * col(-dgamma / m)  # - x_hat * mean(g * x_hat) ...
+    dx += g  # ... + g ...
+    dx -= col(dbeta / m)  # ... - mean(g)
+    dx *= col(scale)
     return dx.astype(cache.x.dtype, copy=False), dgamma, dbeta
 
 
