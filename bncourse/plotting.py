@@ -135,8 +135,11 @@ def color_for(label: str, index: int = 0) -> str:
     return CYCLE[index % len(CYCLE)]
 
 
-def _colors_for(labels: Sequence[str]) -> dict[str, str]:
-    """Fixed colours where defined; the others take the cycle colours not already in use."""
+def _colors_for(
+    labels: Sequence[str], overrides: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Fixed colours where defined; the others take the cycle colours not already in use; then
+    the colours of ``overrides`` (label to colour) replace those."""
     used = {COLORS[label] for label in labels if label in COLORS}
     free = [c for c in CYCLE if c not in used] or list(CYCLE)
     colors, next_free = {}, 0
@@ -146,6 +149,8 @@ def _colors_for(labels: Sequence[str]) -> dict[str, str]:
         else:
             colors[label] = free[next_free % len(free)]
             next_free += 1
+    if overrides:
+        colors.update(overrides)
     return colors
 
 
@@ -229,9 +234,7 @@ def plot_curves(
     _ensure_style()
     if not curves:
         raise ValueError("plot_curves: curves is empty; give at least one label -> array")
-    palette = _colors_for(list(curves))
-    if colors:
-        palette.update(colors)
+    palette = _colors_for(list(curves), colors)
     for label, values in curves.items():
         x = steps[label] if isinstance(steps, Mapping) else steps
         x, values = np.asarray(x), np.asarray(values)
@@ -352,9 +355,7 @@ def plot_histograms(
         if low == high:
             low, high = low - 0.5, high + 0.5
         bins = np.linspace(low, high, int(bins) + 1)
-    palette = _colors_for(list(values))
-    if colors:
-        palette.update(colors)
+    palette = _colors_for(list(values), colors)
     for label, v in values.items():
         color = palette[label]
         ax.hist(v, bins=bins, density=density, color=color, alpha=0.35, label=label)
