@@ -82,8 +82,8 @@ def _rows(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor 
     k = _first_trailing(x.shape, dims)
     params = weight if weight is not None else bias
     m, per_column = _param_layout(x, k, params)
-    if params is None:
-        m = k
+    if params is None:  # one statistic per row and nothing per column: rows (R, 1, D)
+        m, per_column = k, False
     r = math.prod(x.shape[:k])
     s = math.prod(x.shape[k:m])
     ell = math.prod(x.shape[m:])
@@ -123,46 +123,53 @@ def normalize_forward(
     and the pivot, the mean of ``x - pivot`` and ``1 / sqrt(var + eps)``, each of shape (R,).
     Requires :func:`supports`.
     """
-    r, s, ell, _, w, b = _rows(input, dims, weight, bias)
+    r, s, ell, per_column, w, b = _rows(input, dims, weight, bias)
     d = s * ell
     x = input.view(_row_shape(r, s, ell))
     y = torch.empty_like(x)
-    zeros = x.new_zeros(_row_shape(r, 1, 1, ell))
-    pivot = x[(slice(None),) + (slice(0, 1),) * (x.dim() - 1)].contiguous() if center else zeros
-    shift = zeros.clone()
-    inv_std = torch.empty_like(zeros)
-    k = _chunk_rows(d, x.element_size())
-    scratch = x.new_empty((min(k, r),) + x.shape[1:])
+    stats = _row_shape(r, 1, 1, ell)
+    pivot = x[(slice(None),) + (slice(0, 1),) * (x.dim() - 1)].contiguous() if center else None
+    shift = x.new_zeros(stats)
+    inv_std = torch.empty(stats, dtype=x.dtype, device=x.device)
     red = tuple(range(1, x.dim()))
+    k = _chunk_rows(d, x.element_size())
     for start in range(0, r, k):
         rows = slice(start, min(start + k, r))
-        yc, n = y[rows], yc_len(rows, r)
-        sq = scratch[:n]
+        xc, yc = x[rows], y[rows]
         if center:
-            torch.sub(x[rows], pivot[rows], out=yc)
-            m = yc.sum(red, keepdim=True).div_(d)  # small: the mean minus the pivot
+            t = torch.sub(xc, pivot[rows], out=yc)  # exact for a constant row or a large mean
+            m = t.sum(red, keepdim=True).div_(d)
+            var = torch.linalg.vector_norm(t, dim=red, keepdim=True).square_().div_(d)
+            var.sub_(m * m).clamp_(min=0)  # var of t about its own mean m (small: t ~ x - mean)
             shift[rows] = m
-            yc.sub_(m)
         else:
-            yc.copy_(x[rows])
-        var = torch.mul(yc, yc, out=sq).sum(red, keepdim=True).div_(d)
+            t, m = xc, None
+            var = torch.linalg.vector_norm(t, dim=red, keepdim=True).square_().div_(d)
         inv = var.add_(eps).rsqrt_()
         inv_std[rows] = inv
-        yc.mul_(inv)
-        if w is not None:
-            wc = w if w.shape[0] == 1 else w[rows]
-            if b is not None:
-                torch.addcmul(b if b.shape[0] == 1 else b[rows], yc, wc, out=yc)
+        wc = None if w is None else (w if w.shape[0] == 1 else w[rows])
+        bc = None if b is None else (b if b.shape[0] == 1 else b[rows])
+        if per_column:  # (t - m) * inv, then the per-column scale and shift
+            if m is not None:
+                t.sub_(m).mul_(inv)
             else:
+                torch.mul(t, inv, out=yc)
+            if wc is not None and bc is not None:
+                torch.addcmul(bc, yc, wc, out=yc)
+            elif wc is not None:
                 yc.mul_(wc)
-        elif b is not None:
-            yc.add_(b if b.shape[0] == 1 else b[rows])
+            elif bc is not None:
+                yc.add_(bc)
+        else:  # one scale and shift per (row, s): t * a + c with a = inv * w, c = b - m * a
+            scale = inv if wc is None else inv * wc
+            offset = None if m is None else -m * scale
+            if bc is not None:
+                offset = bc if offset is None else offset.add_(bc)
+            torch.mul(t, scale, out=yc)
+            if offset is not None:
+                yc.add_(offset)
+    pivot = shift if pivot is None else pivot  # zeros without centring
     return y.view(input.shape), (input, pivot.view(-1), shift.view(-1), inv_std.view(-1))
-
-
-def yc_len(rows: slice, r: int) -> int:
-    """Number of rows of a chunk."""
-    return min(rows.stop, r) - rows.start
 
 
 def normalize_backward(
@@ -177,8 +184,8 @@ def normalize_backward(
     """Gradients of :func:`normalize_forward`: ``(dx, dweight, dbias)`` (None where not needed).
 
     ``dx = inv_std * (g - mean(g) - x_hat * mean(g * x_hat))`` with ``g = weight * dy``, written
-    as ``inv_std * (weight * dy + p * (x - mean) + q)``. ``dweight`` and ``dbias`` have the shapes
-    of ``weight`` and of ``bias_shape``.
+    as ``a * dy + p * t + q`` with ``t = x - pivot``, ``a = inv_std * weight`` and per-row ``p``
+    and ``q``. ``dweight`` and ``dbias`` have the shapes of ``weight`` and of ``bias_shape``.
     """
     input, pivot, shift, inv_std = saved
     bias = None if bias_shape is None else input.new_empty(bias_shape)
@@ -192,53 +199,75 @@ def normalize_backward(
     dx = torch.empty_like(x)
     k = _chunk_rows(d, x.element_size())
     scratch = x.new_empty((min(k, r),) + x.shape[1:])
-    # sums over L of dy and dy * (x - mean) per (row, s), kept per row for the parameters
+    # per column: the sums themselves; else per (row, s), summed over rows at the end
     col_dw = x.new_zeros(s) if per_column else x.new_empty(r, s)
     col_db = x.new_zeros(s) if per_column else x.new_empty(r, s)
     wv = None if w is None else w.view(-1, s)
     for start in range(0, r, k):
         rows = slice(start, min(start + k, r))
-        n = yc_len(rows, r)
-        t, prod = dx[rows], scratch[:n]
-        if center:
-            torch.sub(x[rows], pivot[rows], out=t)
-            t.sub_(shift[rows])
+        n = rows.stop - rows.start
+        xc, gc, dxc = x[rows], g[rows], dx[rows]
+        inv, m = inv_std[rows], shift[rows]
+        inv1, m1 = inv.view(n), m.view(n)
+        t = torch.sub(xc, pivot[rows], out=dxc) if center else xc  # x - mean = t - m
+        prod = torch.mul(gc, t, out=scratch[:n])
+        wc = None if wv is None else (wv if wv.shape[0] == 1 else wv[rows])
+        if per_column:
+            # sum over the row of w * dy and of w * dy * (x - mean), by matrix-vector products
+            if wc is None:
+                sum_g, sum_gt = gc.sum(1), prod.sum(1)
+            else:
+                sum_g, sum_gt = gc @ wc.view(-1), prod @ wc.view(-1)
+            if center:
+                sum_gt.sub_(m1 * sum_g)
+            if need_dw:  # sum over rows of inv * dy * (t - m)
+                col_dw.addmv_(prod.t(), inv1)
+                if center:
+                    col_dw.addmv_(gc.t(), m1 * inv1, alpha=-1)
+            if need_db:
+                col_db.add_(gc.sum(0))
         else:
-            t.copy_(x[rows])
-        gc = g[rows]
-        torch.mul(gc, t, out=prod)
-        b_rs = prod.sum(2) if ell > 1 else prod.view(n, s)  # sum dy * (x - mean), (n, S)
-        a_rs = gc.sum(2) if ell > 1 else gc.view(n, s)  # sum dy, (n, S)
-        inv = inv_std[rows]
-        if need_dw:
-            if per_column:
-                col_dw.addmv_(b_rs.t(), inv.view(-1))
+            g_rs = gc.sum(2) if ell > 1 else gc  # sums over L per (row, s), (n, S)
+            gt_rs = prod.sum(2) if ell > 1 else prod
+            if center:
+                gt_rs = gt_rs - m.view(n, 1) * g_rs
+            if need_dw:
+                torch.mul(gt_rs, inv.view(n, 1), out=col_dw[rows])
+            if need_db:
+                col_db[rows] = g_rs
+            if wc is None:
+                sum_g, sum_gt = g_rs.sum(1), gt_rs.sum(1)
             else:
-                torch.mul(b_rs, inv.view(n, 1), out=col_dw[rows])
-        if need_db:
-            if per_column:
-                col_db.add_(a_rs.sum(0))
-            else:
-                col_db[rows] = a_rs
+                sum_g, sum_gt = (g_rs * wc).sum(1), (gt_rs * wc).sum(1)
         if not need_dx:
             continue
-        wc = None if wv is None else (wv if wv.shape[0] == 1 else wv[rows])
-        if wc is None:
-            sum_g, sum_gt = a_rs.sum(1), b_rs.sum(1)
-        elif per_column:
-            sum_g, sum_gt = a_rs @ wc.view(-1), b_rs @ wc.view(-1)
-        else:
-            sum_g, sum_gt = (a_rs * wc).sum(1), (b_rs * wc).sum(1)
-        inv1 = inv.view(-1)
-        p = (inv1 * (inv1 * sum_gt)).mul_(-1.0 / d).view(inv.shape)
-        t.mul_(p)
+        # dx = inv * (w * dy - sum_g / d - (t - m) * inv**2 * sum_gt / d)
+        p = (inv1 * (inv1 * sum_gt)).mul_(-1.0 / d)
+        q = -p * m1
         if center:
-            t.sub_(sum_g.div_(d).view(inv.shape))
-        if wc is None:
-            t.add_(gc)
+            q.sub_(sum_g.div_(d))
+        p, q = p.view(inv.shape), q.view(inv.shape)
+        if per_column:
+            if center:
+                dxc.mul_(p).add_(q)
+            else:
+                torch.mul(t, p, out=dxc)
+            if wc is None:
+                dxc.add_(gc)
+            else:
+                dxc.addcmul_(gc, w)
+            dxc.mul_(inv)
         else:
-            t.addcmul_(gc, w if w.shape[0] == 1 else w[rows])
-        t.mul_(inv)
+            scale = (
+                inv
+                if wc is None
+                else inv.view(n, 1, *([1] * (x.dim() - 2))) * (w if w.shape[0] == 1 else w[rows])
+            )
+            if center:
+                dxc.mul_(p * inv)
+            else:
+                torch.mul(t, p * inv, out=dxc)
+            dxc.addcmul_(gc, scale).add_(q * inv)
     dweight = dbias = None
     if need_dw:
         dweight = _to_param_shape(col_dw, input, dims, weight.shape, per_column)
