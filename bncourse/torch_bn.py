@@ -204,10 +204,11 @@ def use_kernels(name: str) -> str:
     ----------
     name : {"fast", "reference", "compiled"}
         ``"fast"`` (the default): :mod:`bncourse.fast.torch_bn`, the same formulas in fewer passes
-        over memory. ``"reference"``: :func:`batch_norm_forward` and :func:`batch_norm_backward`
-        of this module, which read like the book. ``"compiled"``: the reference formulas fused by
+        over memory and one new full-size tensor each way. ``"reference"``:
+        :func:`batch_norm_forward` and :func:`batch_norm_backward` of this module, which read
+        like the book. ``"compiled"``: the reference formulas fused by
         :func:`torch.compile` (the first call for each kind of input compiles for seconds to a
-        minute and needs a C++ compiler on the CPU); as fast as ``torch.nn`` on a CPU.
+        minute and needs a C++ compiler on the CPU); about as fast as ``torch.nn`` on a CPU.
 
     Returns
     -------
@@ -260,9 +261,7 @@ def _kernel_functions(name: str) -> tuple[Any, Any]:
     from bncourse.fast import torch_bn as fast  # the fast layer imports this module
 
     if name == "reference":
-        return batch_norm_forward, lambda g, x, mu, x_mu, *rest: batch_norm_backward(
-            g, x_mu, *rest
-        )
+        return batch_norm_forward, lambda g, x, mu, x_mu, *rest: batch_norm_backward(g, x_mu, *rest)
     if name == "compiled":
         forward, backward_from_input = fast.compiled_kernels()
         return forward, lambda g, x, mu, _, *rest: backward_from_input(g, x, mu, *rest)
@@ -284,14 +283,16 @@ def _kernel_functions(name: str) -> tuple[Any, Any]:
 class _BatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm with the hand-derived backward of the chosen kernels.
 
-    ``apply(x, gamma, beta, eps, kernels)`` returns ``(y, mu, var, x_mu)``. ``mu`` and ``var``
+    ``apply(x, gamma, beta, eps, kernels)`` returns ``(y, mu, var, saved)``. ``mu`` and ``var``
     are differentiable outputs: the backward takes their gradients too, which makes the backward
     itself differentiable (double backward) when it is built from the saved ``x``, ``mu`` and
     ``var`` with ordinary tensor operations, as it is whenever a graph is being recorded
     (``create_graph=True`` and ``torch.func`` transforms). In the ordinary first-order case the
-    kernels' backward runs on the saved centred input ``x_mu``; the compiled forward keeps none
-    (``x_mu`` is then an empty tensor) and its compiled backward reads ``x`` and ``mu`` instead,
-    which saves writing and reading a full-size tensor.
+    kernels' own backward runs on what their forward saved: the centred input ``x - mu`` for the
+    reference kernels; for the fast ones each channel's pivot and the mean of ``x - pivot``
+    (2C values), from which their backward rebuilds ``x - pivot`` in the tensor that becomes
+    ``dx``; nothing for the compiled ones, whose backward recomputes ``x - mu`` from ``x``. The
+    fast and compiled kernels thus write one full-size tensor each way, as PyTorch's own does.
     """
 
     @staticmethod
@@ -508,11 +509,16 @@ def _in_layout_of(tensor: Tensor, input: Tensor) -> Tensor:
     return tensor.contiguous(memory_format=memory_format)
 
 
-def _update_running(running: Tensor, batch_value: Tensor, momentum: float) -> None:
-    """``running <- (1 - momentum) * running + momentum * batch_value``, in place."""
+def _update_running(
+    running: Tensor, batch_value: Tensor, momentum: float, factor: float = 1.0
+) -> None:
+    """``running <- (1 - momentum) * running + momentum * factor * batch_value``, in place."""
     with torch.no_grad():
-        updated = running.to(batch_value.dtype) * (1.0 - momentum) + batch_value * momentum
-        running.copy_(updated)
+        if running.dtype == batch_value.dtype:  # two in-place operations, no temporaries
+            running.mul_(1.0 - momentum).add_(batch_value, alpha=momentum * factor)
+        else:  # (float32 statistics of float16 / bfloat16 input): computed in batch_value's
+            updated = running.to(batch_value.dtype) * (1.0 - momentum)
+            running.copy_(updated.add_(batch_value, alpha=momentum * factor))
 
 
 def _evaluation(
@@ -660,7 +666,7 @@ def batch_norm(
     if running_mean is not None and running_var is not None:
         m = input.numel() // input.shape[1]
         _update_running(running_mean, mu.detach(), momentum)
-        _update_running(running_var, var.detach() * (m / (m - 1)), momentum)
+        _update_running(running_var, var.detach(), momentum, m / (m - 1))  # unbiased
     return _in_layout_of(output.to(input.dtype), input)
 
 

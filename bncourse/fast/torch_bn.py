@@ -12,8 +12,10 @@ PyTorch's native kernel makes one new tensor each way (``y``, then ``dx``); so d
   tensor that becomes the output. The pivot is close to the data, so ``mean(d)`` is small and
   ``var = mean(d**2) - mean(d)**2`` loses no digits even for a mean of ``1e4`` in float32;
   a constant channel gives ``d = 0`` exactly (output exactly ``beta``).
-* **Sums of products without temporaries.** The per-channel sums of ``d * d`` and, in the
-  backward pass, ``g * (x - pivot)`` are accumulated slab by slab (about 512 KiB of whole
+* **Sums of products without temporaries.** For NCHW input each (sample, channel) pair is a
+  contiguous row, and ``sum(d * d)`` is taken from the row norms
+  (``torch.linalg.vector_norm``), one read of ``d``; otherwise, and for ``g * (x - pivot)``
+  in the backward pass, the products are accumulated slab by slab (about 512 KiB of whole
   samples) into a small buffer that stays in the CPU's cache, ``acc.addcmul_(slab, slab)``,
   instead of writing a full-size product and summing it.
 * **Scale in place.** ``y = d * scale + (beta - mean(d) * scale)``: two in-place passes
@@ -22,9 +24,9 @@ PyTorch's native kernel makes one new tensor each way (``y``, then ``dx``); so d
   input between the passes: it writes ``x - pivot`` into the tensor that becomes ``dx``,
   takes the sums from it, then turns it into ``dx = p * (x - mu) + q + scale * g`` in place,
   with ``x - mu = (x - pivot) - mean(x - pivot)`` (exact, where ``x - mu`` with ``mu``
-  rounded to float32 would be off by the rounding). ``p`` is formed as ``inv_std * (inv_std * sum(g * (x - mu)))`` so that
-  ``inv_std**2`` alone is never formed (it overflows float32 for a constant channel and a
-  tiny ``eps``).
+  rounded to float32 would be off by the rounding). ``p`` is formed as
+  ``inv_std * (inv_std * sum(g * (x - mu)))`` so that ``inv_std**2`` alone is never formed
+  (it overflows float32 for a constant channel and a tiny ``eps``).
 
 The modules use :func:`batch_norm_forward` with ``keep_centred=False`` and
 :func:`batch_norm_backward_from_input`; with ``keep_centred=True`` (the default, the
