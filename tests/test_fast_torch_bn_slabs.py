@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_fast_torch_bn import _inputs as shared_inputs
 
 from bncourse import torch_bn
 from bncourse.fast import torch_bn as fast
@@ -22,16 +23,9 @@ def slabs_of_two(monkeypatch):
     return set_for
 
 
-def _inputs(shape, dtype, mean=0.5, seed=0, channels_last=False):
+def _inputs(shape, dtype, mean=0.5, channels_last=False):
     assert shape[0] % 2 == 1 and shape[0] >= 5  # several slabs of two and a remainder
-    gen = torch.Generator().manual_seed(seed)
-    x = (mean + 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-    gamma = (1.0 + 0.5 * torch.randn(shape[1], generator=gen, dtype=torch.float64)).to(dtype)
-    beta = torch.randn(shape[1], generator=gen, dtype=torch.float64).to(dtype)
-    return x, g, gamma, beta
+    return shared_inputs(shape, dtype, True, mean=mean, channels_last=channels_last)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

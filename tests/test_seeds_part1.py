@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from bncourse.data import load_digits
 from bncourse.experiments import ch1, ch3, ch5
@@ -24,19 +23,10 @@ pytestmark = pytest.mark.slow
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def _one_thread():
-    """Chapter 1 runs with one CPU thread; so do its claims here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CH1_SEEDS = range(5)  # "The same holds at seeds 0 to 4", "every seed we tried (0 to 4)"
 
 
-@pytest.mark.usefixtures("_one_thread")
+@pytest.mark.usefixtures("one_torch_thread")  # chapter 1 runs with one thread
 @pytest.mark.parametrize("seed", CH1_SEEDS)
 def test_ch1_layer_shift_per_layer(seed: int):
     """ "Shifts compound with depth": the moments move a hundredfold more in layer 8 than in
@@ -56,7 +46,7 @@ def test_ch1_layer_shift_per_layer(seed: int):
     assert np.all(total_bn[6:] < total_plain[6:])
 
 
-@pytest.mark.usefixtures("_one_thread")
+@pytest.mark.usefixtures("one_torch_thread")  # chapter 1 runs with one thread
 @pytest.mark.parametrize("seed", CH1_SEEDS)
 def test_ch1_figure1_drift_speed_and_noise(seed: int):
     """ "The drift without BN is 3.3 to 4.2 times that with BN (the check asks for more than 3),
@@ -75,7 +65,7 @@ def test_ch1_figure1_drift_speed_and_noise(seed: int):
     assert reached["BN + noise"] * 5 <= reached["no BN"]
 
 
-@pytest.mark.usefixtures("_one_thread")
+@pytest.mark.usefixtures("one_torch_thread")  # chapter 1 runs with one thread
 @pytest.mark.parametrize("seed", CH1_SEEDS)
 def test_ch1_dataset_shift_range(seed: int):
     """ "drops the accuracy from above 95% to about half or less (between 33% and 52% over
