@@ -3,8 +3,9 @@
 Times forward + backward (a full-size upstream gradient) of GroupNorm and InstanceNorm2d on
 (32, 64, 32, 32) and of LayerNorm and RMSNorm on (32, 128, 768), for:
 
-* ``bncourse``: the package's modules in eager mode (the reference code: one autograd Function
-  with the hand-derived backward, a few tensor operations each way);
+* ``bncourse``: the package's modules in eager mode (one autograd Function with the
+  hand-derived backward; by default the fast kernels of :mod:`bncourse.fast.torch_norm`, chunks
+  of rows that stay in the cache; ``--kernels reference`` times the reference kernels);
 * ``bncourse compiled``: the same modules through ``torch.compile`` (Inductor fuses the
   operations of the forward and of the hand-derived backward);
 * ``torch``: ``torch.nn``'s modules in eager mode (fused native kernels), and
@@ -12,12 +13,14 @@ Times forward + backward (a full-size upstream gradient) of GroupNorm and Instan
 
 The calls are interleaved (one of each variant per round) and the median per variant is
 reported, in CPU time (``time.process_time``) so that other processes on a shared machine
-count less; on CUDA, wall time after synchronisation. The targets: ``bncourse`` at most 1.5x
-native eager, ``bncourse compiled`` at most 1.0x native eager.
+count less (``--clock wall`` for wall time: with several threads CPU time also counts the time
+threads spend waiting for each other); on CUDA, wall time after synchronisation. The
+targets: ``bncourse`` at most 1.5x native eager, ``bncourse compiled`` at most 1.0x native eager.
 
 Usage::
 
     python benchmarks/bench_norms.py [--repeats 15] [--threads 1] [--no-compile] [--device cpu]
+        [--clock cpu|wall] [--kernels fast|reference]
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ CASES = {
 }
 
 
-def _timer(device: torch.device):
+def _timer(device: torch.device, clock: str = "cpu"):
     if device.type == "cuda":
 
         def now() -> float:
@@ -63,10 +66,12 @@ def _timer(device: torch.device):
             return time.perf_counter()
 
         return now
-    return time.process_time
+    return time.process_time if clock == "cpu" else time.perf_counter
 
 
-def bench_case(name: str, device: torch.device, repeats: int, compile_: bool) -> dict[str, float]:
+def bench_case(
+    name: str, device: torch.device, repeats: int, compile_: bool, clock: str = "cpu"
+) -> dict[str, float]:
     """Median forward + backward time (ms) of each variant of one case."""
     ours_factory, theirs_factory, shape = CASES[name]
     x = torch.randn(shape, device=device, requires_grad=True)
@@ -75,7 +80,7 @@ def bench_case(name: str, device: torch.device, repeats: int, compile_: bool) ->
     if compile_:
         variants["bncourse compiled"] = torch.compile(ours_factory().to(device))
         variants["torch compiled"] = torch.compile(theirs_factory().to(device))
-    now = _timer(device)
+    now = _timer(device, clock)
     times: dict[str, list[float]] = {key: [] for key in variants}
     for round_ in range(repeats + 3):  # three warm-up rounds (compilation included)
         for key, module in variants.items():
@@ -95,18 +100,21 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    parser.add_argument("--kernels", choices=list(torch_norm.KERNELS), default="fast")
     args = parser.parse_args()
+    torch_norm.use_kernels(args.kernels)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {device}, {args.threads} thread(s), "
-        f"median of {args.repeats} interleaved rounds, forward + backward, ms"
+        f"torch {torch.__version__}, {device}, {args.threads} thread(s), {args.kernels} kernels, "
+        f"median of {args.repeats} interleaved rounds, forward + backward, ms of {args.clock} time"
     )
     header = "| case | bncourse | torch | ratio | bncourse compiled | ratio | torch compiled |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name in args.cases:
-        t = bench_case(name, device, args.repeats, not args.no_compile)
+        t = bench_case(name, device, args.repeats, not args.no_compile, args.clock)
         ours, native = t["bncourse"], t["torch"]
         compiled = t.get("bncourse compiled", float("nan"))
         native_compiled = t.get("torch compiled", float("nan"))

@@ -195,7 +195,7 @@ class _Normalize(torch.autograd.Function):
         else:
             y, saved = normalize_forward(input, weight, bias, dims, eps, center)
         ctx.save_for_backward(*saved, weight)
-        ctx.dims, ctx.center, ctx.fast = dims, center, fast
+        ctx.dims, ctx.eps, ctx.center, ctx.fast = dims, eps, center, fast
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -210,10 +210,9 @@ class _Normalize(torch.autograd.Function):
 
             grads = fast_kernels.normalize_backward(dy, tuple(saved), *args)
         else:
-            if ctx.fast:  # a graph of the backward is recorded: the reference, differentiable
-                input, pivot, shift, inv_std = saved
-                keep = input.shape[: input.dim() - len(ctx.dims)] + (1,) * len(ctx.dims)
-                saved = [input, (pivot + shift).view(keep), inv_std.view(keep)]
+            if torch.is_grad_enabled():  # a graph of the backward is recorded (double backward):
+                # the statistics again, as functions of the input, so that they are differentiated
+                _, saved = normalize_forward(saved[0], None, None, ctx.dims, ctx.eps, ctx.center)
             grads = normalize_backward(dy, tuple(saved), *args)
         dx, dweight, dbias = grads
         dbias = None if dbias is None else dbias.to(ctx.bias_dtype)
