@@ -290,7 +290,7 @@ class _BatchNormFunction(torch.autograd.Function):
     (``create_graph=True`` and ``torch.func`` transforms). In the ordinary first-order case the
     kernels' own backward runs on what their forward saved: the centred input ``x - mu`` for the
     reference kernels; for the fast ones each channel's pivot and the mean of ``x - pivot``
-    (2C values), from which their backward rebuilds ``x - pivot`` in the tensor that becomes
+    (2C values), from which their backward rebuilds ``x - mu`` in the tensor that becomes
     ``dx``; nothing for the compiled ones, whose backward recomputes ``x - mu`` from ``x``. The
     fast and compiled kernels thus write one full-size tensor each way, as PyTorch's own does.
     """

@@ -21,10 +21,11 @@ PyTorch's native kernel makes one new tensor each way (``y``, then ``dx``); so d
 * **Scale in place.** ``y = d * scale + (beta - mean(d) * scale)``: two in-place passes
   over ``d``, no new tensor.
 * **The backward from the input.** :func:`batch_norm_backward_from_input` keeps no centred
-  input between the passes: it writes ``x - pivot`` into the tensor that becomes ``dx``,
-  takes the sums from it, then turns it into ``dx = p * (x - mu) + q + scale * g`` in place,
-  with ``x - mu = (x - pivot) - mean(x - pivot)`` (exact, where ``x - mu`` with ``mu``
-  rounded to float32 would be off by the rounding). ``p`` is formed as
+  input between the passes: it writes ``x - mu`` into the tensor that becomes ``dx``, takes
+  the sums from it, then turns it into ``dx = p * (x - mu) + q + scale * g`` in place. ``mu``
+  rounded to float32 is off by up to half a unit in its last place (``5e-4`` for a mean of
+  ``1e4``); the forward's pivot and ``mean(x - pivot)`` give that rounding exactly, and it
+  is taken out of the sums and of ``q``. ``p`` is formed as
   ``inv_std * (inv_std * sum(g * (x - mu)))`` so that ``inv_std**2`` alone is never formed
   (it overflows float32 for a constant channel and a tiny ``eps``).
 
@@ -157,21 +158,24 @@ def batch_norm_backward_from_input(
     g: Tensor, x: Tensor, centring: Tensor, gamma: Tensor | None, var: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`batch_norm_backward` from the input ``x`` (N, C, *) and the ``centring`` (2C,)
-    that :func:`batch_norm_forward` returned with ``keep_centred=False``; forms ``x - pivot``
-    in the tensor that becomes ``dx``.
+    that :func:`batch_norm_forward` returned with ``keep_centred=False``; forms ``x - mu``
+    (``mu`` rounded to the input's dtype, the rounding taken out per channel) in the tensor
+    that becomes ``dx``, so that ``dx`` sums to zero over each channel up to rounding.
 
     Returns ``(dx, dgamma, dbeta)``, shapes (N, C, *), (C,), (C,).
     """
     dims = reference._reduction_dims(g)
     channels = x.shape[1]
     pivot = reference._per_channel(centring[:channels], x)
-    shift = reference._per_channel(centring[channels:], x)  # x - mu = (x - pivot) - shift
-    buffer = torch.sub(x, pivot)  # becomes dx
+    shift = reference._per_channel(centring[channels:], x)  # mu = pivot + shift
+    mu = pivot + shift  # rounded to x's dtype, as the forward's mu
+    rest = (pivot - mu) + shift  # what the rounding left out (pivot - mu is exact): tiny
+    buffer = torch.sub(x, mu)  # becomes dx; x - mu = buffer - rest, centred but for rest
     sum_g = g.sum(dims, keepdim=True)
     (sum_g_d,) = _channel_sums(dims, (g, buffer))
-    sum_g_x_mu = sum_g_d.sub_(shift * sum_g)
+    sum_g_x_mu = sum_g_d.sub_(rest * sum_g)
     p, q, scale, inv_std = _backward_coefficients(g, gamma, var, eps, sum_g, sum_g_x_mu)
-    dx = buffer.mul_(p).add_(q - p * shift).addcmul_(g, scale)
+    dx = buffer.mul_(p).add_(q - p * rest).addcmul_(g, scale)
     return dx, (inv_std * sum_g_x_mu).view(-1), sum_g.view(-1)
 
 
