@@ -18,6 +18,16 @@ bandwidth measured in the same process (``y.copy_(x)`` on a 256 MiB tensor, one 
 write per byte). With ``B`` bytes per tensor of the input's size, an ideal batch norm moves
 ``5 B``: forward reads ``x`` and writes ``y``; backward reads ``x`` and ``dy`` and writes ``dx``.
 
+Page faults. Each step makes new full-size tensors (``y``, ``dx``); when glibc's allocator has
+given a freed block back to the operating system, the next one costs a page fault per 4 KiB
+page the first time it is written, which on a CPU can cost as much as the arithmetic. Whether
+it does depends on the order and sizes of all the allocations in the process, so it shifts
+with the set of contenders and between runs (native measured 2.6 to 4.3 ms at two threads on
+the same input). To time the kernels without it, pin the allocator for the whole process::
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
+        python benchmarks/bench_torch_bn.py
+
 Examples
 --------
 ``python benchmarks/bench_torch_bn.py``                       CPU, 2 threads, the four shapes
