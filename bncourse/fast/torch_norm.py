@@ -180,6 +180,7 @@ def normalize_backward(
     dims: tuple[int, ...],
     center: bool,
     needs: tuple[bool, bool, bool],
+    eps: float = 0.0,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`normalize_forward`: ``(dx, dweight, dbias)`` (None where not needed).
 
