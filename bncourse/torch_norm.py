@@ -58,18 +58,32 @@ _ROW_BLOCK = 16  # rows summed together first by _sum_to_shape
 
 
 def _sum_to_shape(a: Tensor, shape: torch.Size) -> Tensor:
-    """Sum ``a`` over the dims along which a tensor of ``shape`` was broadcast to ``a``."""
+    """Sum ``a`` over the dims along which a tensor of ``shape`` was broadcast to ``a``.
+
+    The broadcast dims among the last ``len(shape)`` go first (for GroupNorm and InstanceNorm,
+    the positions: contiguous, summed while the rows are read), then the leading dims, in blocks
+    of 16 rows (torch.compile then reads each block once, in the cache; a plain sum over many rows
+    reads memory by columns, 2x slower here).
+    """
     lead = a.dim() - len(shape)
+    dims = tuple(lead + i for i, n in enumerate(shape) if n == 1 and a.shape[lead + i] != 1)
+    if dims:
+        a = a.sum(dim=dims, keepdim=True)
     if lead:
         rows = math.prod(a.shape[:lead])
         a = a.reshape(rows, *a.shape[lead:])
         if rows % _ROW_BLOCK == 0 and rows > _ROW_BLOCK:
-            # in blocks of rows first: torch.compile then reads each block once, in the cache
-            # (a plain sum over many rows reads memory by columns; 2x slower here)
             a = a.reshape(rows // _ROW_BLOCK, _ROW_BLOCK, *a.shape[1:]).sum(1)
         a = a.sum(0)
-    dims = tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1)
-    return (a.sum(dim=dims, keepdim=True) if dims else a).reshape(shape)
+    return a.reshape(shape)
+
+
+def _broadcast_dims(x: Tensor, param: Tensor | None, dims: tuple[int, ...]) -> tuple[int, ...]:
+    """The dims among ``dims`` along which ``param`` (broadcast to ``x``) is constant."""
+    if param is None:
+        return dims
+    shape = (1,) * (x.dim() - param.dim()) + tuple(param.shape)
+    return tuple(d for d in dims if shape[d] == 1)
 
 
 def _moments(x: Tensor, dims: tuple[int, ...], center: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,22 +144,37 @@ def normalize_backward(
     x = input.to(_compute_dtype(input.dtype))
     t, shift, variance = _moments(x, dims, center)
     inv_std = torch.rsqrt(variance + eps)
-    x_hat = (t - shift) * inv_std
     dy_out = dy.to(x.dtype)
+    count = math.prod([x.shape[d] for d in dims])
+    param = (
+        weight if weight is not None else (None if bias_shape is None else x.new_empty(bias_shape))
+    )
+    inner = _broadcast_dims(x, param, dims)
+    w = 1 if weight is None else weight
+    if inner:
+        # the sums of dy and dy * t over the dims where the parameters are constant (the
+        # positions of GroupNorm and InstanceNorm) first: the later sums start from these
+        sum_dy = dy_out.sum(dim=inner, keepdim=True)
+        sum_dy_x_hat = ((dy_out * t).sum(dim=inner, keepdim=True) - shift * sum_dy) * inv_std
+        g_mean = (sum_dy * w).sum(dim=dims, keepdim=True) / count  # with g = weight * dy
+        projection = (sum_dy_x_hat * w).sum(dim=dims, keepdim=True) / count  # mean(g * x_hat)
+    else:  # LayerNorm, RMSNorm: a parameter per position
+        g = dy_out * w
+        g_mean = g.mean(dim=dims, keepdim=True)
+        projection = ((g * t).mean(dim=dims, keepdim=True) - shift * g_mean) * inv_std
+        sum_dy = dy_out
+        sum_dy_x_hat = dy_out * ((t - shift) * inv_std)
     dx = dweight = dbias = None
     if needs[0]:
-        g = dy_out if weight is None else dy_out * weight
-        g_mean = g.mean(dim=dims, keepdim=True)
-        # mean(g * x_hat), from mean(g * t): x_hat = (t - shift) * inv_std
-        projection = ((g * t).mean(dim=dims, keepdim=True) - shift * g_mean) * inv_std
-        dx = g - x_hat * projection
+        x_hat = (t - shift) * inv_std
+        dx = dy_out * w - x_hat * projection
         if center:
             dx = dx - g_mean
         dx = (dx * inv_std).to(dy.dtype)
     if weight is not None and needs[1]:
-        dweight = _sum_to_shape(dy_out * x_hat, weight.shape).to(weight.dtype)
+        dweight = _sum_to_shape(sum_dy_x_hat, weight.shape).to(weight.dtype)
     if bias_shape is not None and needs[2]:
-        dbias = _sum_to_shape(dy_out, bias_shape)
+        dbias = _sum_to_shape(sum_dy, bias_shape)
     return dx, dweight, dbias
 
 
