@@ -245,12 +245,19 @@ def use_compiled_kernels(enabled: bool = True) -> bool:
     return use_kernels("compiled" if enabled else "fast") == "compiled"
 
 
-def _resolve_kernels(name: str | None) -> str:
-    """The kernels that run: ``name``, or the current :func:`use_kernels` choice when None;
-    ``"reference"`` inside ``torch.compile`` / ``torch.export``, which fuse the plain formulas."""
+def _resolve_kernels(name: str | None, x: Tensor) -> str:
+    """The kernels that run on ``x``: ``name``, or the current :func:`use_kernels` choice when
+    None; ``"reference"`` inside ``torch.compile`` / ``torch.export``, which fuse the plain
+    formulas, and for ``"fast"`` on an input of fewer than ``fast.SMALL_INPUT`` values, where
+    the reference's few operations cost less than the fast kernels' set-up."""
+    from bncourse.fast import torch_bn as fast  # the fast layer imports this module
+
     if torch.compiler.is_compiling():
         return "reference"
-    return _KERNELS.get("fast") if name is None else name
+    name = _KERNELS.get("fast") if name is None else name
+    if name == "fast" and x.numel() < fast.SMALL_INPUT:
+        return "reference"
+    return name
 
 
 def _kernel_functions(name: str) -> tuple[Any, Any]:
@@ -299,7 +306,7 @@ class _BatchNormFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, name: str | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        forward, _ = _kernel_functions(_resolve_kernels(name))
+        forward, _ = _kernel_functions(_resolve_kernels(name, x))
         return forward(x, gamma, beta, eps)
 
     @staticmethod
@@ -310,7 +317,7 @@ class _BatchNormFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, gamma, mu, var, x_mu)
         ctx.save_for_forward(x, gamma, mu, var, x_mu)
-        ctx.eps, ctx.name = eps, _resolve_kernels(name)  # as the forward resolved it
+        ctx.eps, ctx.name = eps, _resolve_kernels(name, x)  # as the forward resolved it
         ctx.kept_x_mu = ctx.name == "reference"  # the fast and compiled forwards keep none
 
     @staticmethod
@@ -376,13 +383,13 @@ class _BatchNormFunction(torch.autograd.Function):
                 return vector.repeat(size)
             return vector.movedim(dim, 0).reshape(-1)
 
-        if _resolve_kernels(name) == "compiled":
+        if _resolve_kernels(name, folded) == "compiled":
             name = "fast"  # (compiled code under vmap: the fast kernels instead)
         y, mu, var, x_mu = _BatchNormFunction.apply(
             folded, fold(gamma, in_dims[1]), fold(beta, in_dims[2]), eps, name
         )
         y = y.reshape(shape).movedim(1, 0)
-        if _resolve_kernels(name) != "reference":  # no centred input kept: nothing to unfold
+        if _resolve_kernels(name, folded) != "reference":  # no centred input kept: none to unfold
             return (y, mu.view(size, -1), var.view(size, -1), x_mu), (0, 0, 0, None)
         x_mu = x_mu.reshape(shape).movedim(1, 0)
         return (y, mu.view(size, -1), var.view(size, -1), x_mu), (0, 0, 0, 0)

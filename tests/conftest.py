@@ -74,3 +74,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def fast_kernels_on_small_inputs(monkeypatch):
+    """The torch modules run the reference kernels on small inputs (``SMALL_INPUT``); the
+    tests' inputs are small, so every test runs the fast kernels on them instead, so that the
+    parity tests of the modules test the fast path. ``tests/test_fast_torch_bn_slabs.py``
+    tests the switch itself."""
+    from bncourse.fast import torch_bn as fast
+
+    monkeypatch.setattr(fast, "SMALL_INPUT", 0)

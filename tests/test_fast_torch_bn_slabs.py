@@ -95,3 +95,15 @@ def test_modules_keep_no_centred_input_by_default_and_match_torch(slabs_of_two):
     saved = [t for t in y.grad_fn.saved_tensors if isinstance(t, torch.Tensor)]
     assert sum(t.numel() == x.numel() for t in saved) == 1  # x only
     assert saved[-1].shape == (2 * x.shape[1],)  # the pivots and shifts
+
+
+def test_modules_run_the_reference_kernels_on_small_inputs(monkeypatch):
+    """Below fast.SMALL_INPUT values the fast choice runs the reference kernels (which keep
+    the centred input, full size); from it on, the fast ones (2C values kept)."""
+    module = torch_bn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    for threshold, kept in ((x.numel() + 1, x.numel()), (x.numel(), 2 * 3)):
+        monkeypatch.setattr(fast, "SMALL_INPUT", threshold)
+        y = module(x.clone().requires_grad_(True))
+        saved = [t for t in y.grad_fn.saved_tensors if isinstance(t, torch.Tensor)]
+        assert saved[-1].numel() == kept

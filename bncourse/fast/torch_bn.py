@@ -55,6 +55,9 @@ __all__ = [
     "compiled_backward_from_input",
 ]
 
+SMALL_INPUT = 1 << 16  # the modules run the reference kernels on inputs of fewer values
+# (measured at two threads: (2, 64, 8, 8) 0.30 ms reference, 0.43 ms fast; (32, 64, 32, 32)
+# 11.0 ms reference, 4.6 ms fast)
 SLAB_BYTES = 1 << 19  # whole samples per slab: about 512 KiB, well inside a core's L2 cache
 
 
