@@ -15,6 +15,11 @@ The modules :class:`LayerNorm`, :class:`GroupNorm`, :class:`InstanceNorm1d`,
 of ``torch.nn``'s: same constructor arguments, parameters, buffers, ``state_dict`` keys, repr
 and errors (the same exception types). Half-precision inputs are computed in float32 and the
 result cast back, as PyTorch does.
+
+The kernels: :func:`normalize_forward` and :func:`normalize_backward` here read like the math;
+:mod:`bncourse.fast.torch_norm` has the same two tuned for speed, used by default on the inputs
+they handle (:func:`use_kernels` or :func:`kernels` picks the reference). Inside
+``torch.compile`` the reference runs, fused by the compiler.
 """
 
 from __future__ import annotations

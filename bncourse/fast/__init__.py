@@ -8,6 +8,7 @@
   regrouping of the backward) and ``compiled_kernels`` (the reference fused by torch.compile),
   used by default by :class:`bncourse.torch_bn.BatchNorm2d` and friends
   (:func:`bncourse.torch_bn.use_kernels` picks the reference or the compiled kernels).
+* :mod:`bncourse.fast.torch_norm`: the normalization family over cache-sized chunks of rows.
 
 The reference modules (:mod:`bncourse.numpy_bn`, :mod:`bncourse.torch_bn`) are the code that
 reads like the book; each fast kernel is tested against its reference over the same suite.

@@ -31,7 +31,7 @@ from torch import Tensor
 
 __all__ = ["normalize_forward", "normalize_backward", "supports"]
 
-CHUNK_BYTES = 512 * 1024  # one chunk of rows (and its scratch) stays in a 1-4 MB L2 cache
+CHUNK_BYTES = 512 * 1024  # per thread: a chunk of rows (and its scratch) stays in the L2 cache
 
 
 def _first_trailing(shape: torch.Size, dims: tuple[int, ...]) -> int:
@@ -106,7 +106,10 @@ def _row_shape(r: int, s: int, ell: int, like: int | None = None) -> tuple[int, 
 
 
 def _chunk_rows(row_elements: int, element_size: int) -> int:
-    return max(1, CHUNK_BYTES // (row_elements * element_size))
+    """Rows per chunk: ``CHUNK_BYTES`` per thread (with more threads, fewer and larger chunks:
+    each operation on a chunk is a parallel region that every thread waits for)."""
+    per_chunk = CHUNK_BYTES * max(1, torch.get_num_threads())
+    return max(1, per_chunk // (row_elements * element_size))
 
 
 def normalize_forward(
@@ -187,6 +190,7 @@ def normalize_backward(
     ``dx = inv_std * (g - mean(g) - x_hat * mean(g * x_hat))`` with ``g = weight * dy``, written
     as ``a * dy + p * t + q`` with ``t = x - pivot``, ``a = inv_std * weight`` and per-row ``p``
     and ``q``. ``dweight`` and ``dbias`` have the shapes of ``weight`` and of ``bias_shape``.
+    ``eps`` is not used (``saved`` holds ``inv_std``); it keeps the reference's signature.
     """
     input, pivot, shift, inv_std = saved
     bias = None if bias_shape is None else input.new_empty(bias_shape)
