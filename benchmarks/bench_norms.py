@@ -78,6 +78,9 @@ def bench_case(
     dy = torch.randn(shape, device=device)
     variants = {"bncourse": ours_factory().to(device), "torch": theirs_factory().to(device)}
     if compile_:
+        # each case compiles from a fresh start, as one user's program would: otherwise the
+        # earlier cases' shapes make torch.compile recompile with dynamic shapes (slower code)
+        torch._dynamo.reset()
         variants["bncourse compiled"] = torch.compile(ours_factory().to(device))
         variants["torch compiled"] = torch.compile(theirs_factory().to(device))
     now = _timer(device, clock)
