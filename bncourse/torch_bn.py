@@ -43,13 +43,14 @@ two run the reference formulas with autograd's derivative, see :class:`BatchNorm
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from bncourse.utils import KernelChoice
 
 __all__ = [
     "batch_norm",
@@ -188,13 +189,8 @@ def _batch_norm_jvp(
 # Which kernels run: a context variable, switched by a function or a context manager
 # ---------------------------------------------------------------------------------------------
 
-_KERNELS: contextvars.ContextVar[str] = contextvars.ContextVar("bncourse_torch_bn_kernels")
-
-
-def _check_kernels_name(name: Any) -> str:
-    if name not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(map(repr, KERNELS))}, got {name!r}")
-    return name
+_KERNELS = KernelChoice("bncourse_torch_bn_kernels", KERNELS)
+_check_kernels_name = _KERNELS.check
 
 
 def use_kernels(name: str) -> str:
@@ -218,20 +214,15 @@ def use_kernels(name: str) -> str:
         in the current thread (and asyncio task) and is inherited by contexts created from it. A
         module's own ``kernels`` argument, when given, takes precedence.
     """
-    previous = _KERNELS.get("fast")
-    _KERNELS.set(_check_kernels_name(name))
-    return previous
+    return _KERNELS.set(name)
 
 
 @contextlib.contextmanager
 def kernels(name: str) -> Iterator[None]:
     """Context manager: :func:`use_kernels` ``(name)`` inside the block, the previous choice
     after it (also when the block raises). ``with torch_bn.kernels("reference"): ...``."""
-    token = _KERNELS.set(_check_kernels_name(name))
-    try:
+    with _KERNELS.scoped(name):
         yield
-    finally:
-        _KERNELS.reset(token)
 
 
 def use_compiled_kernels(enabled: bool = True) -> bool:
@@ -254,7 +245,7 @@ def _resolve_kernels(name: str | None, x: Tensor) -> str:
 
     if torch.compiler.is_compiling():
         return "reference"
-    name = _KERNELS.get("fast") if name is None else name
+    name = _KERNELS.get() if name is None else name
     if name == "fast" and x.numel() < fast.SMALL_INPUT:
         return "reference"
     return name

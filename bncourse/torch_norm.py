@@ -25,15 +25,15 @@ they handle (:func:`use_kernels` or :func:`kernels` picks the reference). Inside
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import numbers
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from bncourse.utils import KernelChoice
 
 __all__ = [
     "normalize",
@@ -188,13 +188,8 @@ def normalize_backward(
 # ---------------------------------------------------------------------------------------------
 
 KERNELS = ("fast", "reference")
-_KERNELS: contextvars.ContextVar[str] = contextvars.ContextVar("bncourse_torch_norm_kernels")
-
-
-def _check_kernels_name(name: Any) -> str:
-    if name not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(map(repr, KERNELS))}, got {name!r}")
-    return name
+_KERNELS = KernelChoice("bncourse_torch_norm_kernels", KERNELS)
+_check_kernels_name = _KERNELS.check
 
 
 def use_kernels(name: str) -> str:
@@ -216,20 +211,15 @@ def use_kernels(name: str) -> str:
         use_kernels(previous)`` restores it (a :mod:`contextvars` variable, as in
         :func:`bncourse.torch_bn.use_kernels`).
     """
-    previous = _KERNELS.get("fast")
-    _KERNELS.set(_check_kernels_name(name))
-    return previous
+    return _KERNELS.set(name)
 
 
 @contextlib.contextmanager
 def kernels(name: str) -> Iterator[None]:
     """Context manager: :func:`use_kernels` ``(name)`` inside the block, the previous choice
     after it (also when the block raises). ``with torch_norm.kernels("reference"): ...``."""
-    token = _KERNELS.set(_check_kernels_name(name))
-    try:
+    with _KERNELS.scoped(name):
         yield
-    finally:
-        _KERNELS.reset(token)
 
 
 def _use_fast(
@@ -240,7 +230,7 @@ def _use_fast(
 
     if torch.compiler.is_compiling():
         return False
-    name = _KERNELS.get("fast") if name is None else _check_kernels_name(name)
+    name = _KERNELS.get() if name is None else _check_kernels_name(name)
     return name == "fast" and fast.supports(input, weight, bias, dims)
 
 

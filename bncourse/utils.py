@@ -6,6 +6,9 @@
   to check hand-derived backward passes.
 * :func:`interleaved_times`: time several functions in turn, repeat after repeat, so that a
   burst of load on a shared machine hits them all alike.
+* :class:`KernelChoice`: which kernels a module runs, a :mod:`contextvars` variable behind the
+  ``use_kernels`` / ``kernels`` switches of :mod:`bncourse.torch_bn` and
+  :mod:`bncourse.torch_norm`.
 
 The device the book runs on is :func:`bncourse.get_device` (``get_device(device)`` also turns a
 device string or ``None`` into a ``torch.device``).
@@ -14,13 +17,21 @@ device string or ``None`` into a ``torch.device``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["torch_threads", "accuracy", "finite_difference_gradient", "interleaved_times"]
+__all__ = [
+    "torch_threads",
+    "accuracy",
+    "finite_difference_gradient",
+    "interleaved_times",
+    "KernelChoice",
+]
 
 
 @contextlib.contextmanager
@@ -162,3 +173,48 @@ def interleaved_times(
                 function()
             times[name][repeat] = (now() - start) / number
     return times
+
+
+class KernelChoice:
+    """A choice among named kernels, held in a :mod:`contextvars` variable: it holds in the
+    current thread (and asyncio task) and is inherited by contexts created from it.
+
+    Parameters
+    ----------
+    name : str
+        Name of the context variable.
+    choices : tuple of str
+        The kernels one can choose.
+    default : str, default "fast"
+        The choice until one is made.
+    """
+
+    def __init__(self, name: str, choices: tuple[str, ...], default: str = "fast") -> None:
+        self.choices, self.default = choices, default
+        self._choice: contextvars.ContextVar[str] = contextvars.ContextVar(name)
+
+    def check(self, name: Any) -> str:
+        """``name``, or a ``ValueError`` that lists the choices."""
+        if name not in self.choices:
+            listed = ", ".join(map(repr, self.choices))
+            raise ValueError(f"kernels must be one of {listed}, got {name!r}")
+        return name
+
+    def get(self) -> str:
+        """The current choice."""
+        return self._choice.get(self.default)
+
+    def set(self, name: str) -> str:
+        """Choose ``name``; returns the previous choice."""
+        previous = self.get()
+        self._choice.set(self.check(name))
+        return previous
+
+    @contextlib.contextmanager
+    def scoped(self, name: str) -> Iterator[None]:
+        """``name`` inside the ``with`` block, the previous choice after it (also on error)."""
+        token = self._choice.set(self.check(name))
+        try:
+            yield
+        finally:
+            self._choice.reset(token)
