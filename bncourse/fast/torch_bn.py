@@ -61,29 +61,21 @@ SMALL_INPUT = 1 << 16  # the modules run the reference kernels on inputs of fewe
 SLAB_BYTES = 1 << 19  # whole samples per slab: about 512 KiB, well inside a core's L2 cache
 
 
-def _channel_sums(dims: list[int], *terms: tuple[Tensor, Tensor | None]) -> list[Tensor]:
-    """Per-channel sums, shape (1, C, 1, ...), of ``a`` (for a term ``(a, None)``) or of
-    ``a * b`` (for ``(a, b)``), for tensors of shape (N, C, *); no full-size temporary when the
-    tensors span several slabs."""
-    first = terms[0][0]
-    n = first.shape[0]
-    rows = max(1, SLAB_BYTES // max(1, first[0].numel() * first.element_size()))
-    if rows * 2 > n:  # one or two slabs: plain sums
-        return [(a if b is None else a * b).sum(dims, keepdim=True) for a, b in terms]
-    accumulators = [torch.zeros_like(a[:rows]) for a, _ in terms]
+def _channel_sum_of_products(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
+    """Per-channel ``sum(a * b)``, shape (1, C, 1, ...), for ``a``, ``b`` of shape (N, C, *); no
+    full-size temporary when the tensors span several slabs."""
+    n = a.shape[0]
+    rows = max(1, SLAB_BYTES // max(1, a[0].numel() * a.element_size()))
+    if rows * 2 > n:  # one or two slabs: a plain product and sum
+        return (a * b).sum(dims, keepdim=True)
+    accumulator = torch.zeros_like(a[:rows])
     whole = n - n % rows
     for start in range(0, whole, rows):
-        for acc, (a, b) in zip(accumulators, terms, strict=True):
-            if b is None:
-                acc.add_(a[start : start + rows])
-            else:
-                acc.addcmul_(a[start : start + rows], b[start : start + rows])
-    sums = [acc.sum(dims, keepdim=True) for acc in accumulators]
+        accumulator.addcmul_(a[start : start + rows], b[start : start + rows])
+    total = accumulator.sum(dims, keepdim=True)
     if whole < n:
-        for total, (a, b) in zip(sums, terms, strict=True):
-            rest = a[whole:] if b is None else a[whole:] * b[whole:]
-            total.add_(rest.sum(dims, keepdim=True))
-    return sums
+        total.add_((a[whole:] * b[whole:]).sum(dims, keepdim=True))
+    return total
 
 
 def _sum_and_sum_of_squares(d: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
@@ -100,7 +92,7 @@ def _sum_and_sum_of_squares(d: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]
         sums = rows.sum(1).view(n, channels).sum(0).view(shape)
         squares = torch.linalg.vector_norm(rows, dim=1).square_()
         return sums, squares.view(n, channels).sum(0).view(shape)
-    (squares,) = _channel_sums(dims, (d, d))
+    squares = _channel_sum_of_products(d, d, dims)
     return d.sum(dims, keepdim=True), squares
 
 
@@ -151,7 +143,7 @@ def batch_norm_backward(
     """
     dims = reference._reduction_dims(g)
     sum_g = g.sum(dims, keepdim=True)
-    (sum_g_x_mu,) = _channel_sums(dims, (g, x_mu))
+    sum_g_x_mu = _channel_sum_of_products(g, x_mu, dims)
     p, q, scale, inv_std = _backward_coefficients(g, gamma, var, eps, sum_g, sum_g_x_mu)
     dx = torch.mul(x_mu, p).add_(q).addcmul_(g, scale)
     return dx, (inv_std * sum_g_x_mu).view(-1), sum_g.view(-1)
@@ -175,7 +167,7 @@ def batch_norm_backward_from_input(
     rest = (pivot - mu) + shift  # what the rounding left out (pivot - mu is exact): tiny
     buffer = torch.sub(x, mu)  # becomes dx; x - mu = buffer - rest, centred but for rest
     sum_g = g.sum(dims, keepdim=True)
-    (sum_g_d,) = _channel_sums(dims, (g, buffer))
+    sum_g_d = _channel_sum_of_products(g, buffer, dims)
     sum_g_x_mu = sum_g_d.sub_(rest * sum_g)
     p, q, scale, inv_std = _backward_coefficients(g, gamma, var, eps, sum_g, sum_g_x_mu)
     dx = buffer.mul_(p).add_(q - p * rest).addcmul_(g, scale)
