@@ -76,25 +76,14 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-_FAST_ON_SMALL_INPUTS = {
-    "test_torch_bn",
-    "test_torch_bn_dropin",
-    "test_pytorch_suites",
-    "test_fast_torch_bn",
-    "test_fast_torch_bn_slabs",
-    "test_batch_variants",
-    "test_frozen",
-    "test_precision",
-}
+@pytest.fixture
+def fast_kernels_on_small_inputs(monkeypatch):
+    """Run the fast torch batch-norm kernels on small inputs too.
 
+    The modules run the reference kernels below ``fast.SMALL_INPUT`` values; the inputs of the
+    batch-norm test modules are small, so those modules ask for this fixture (``pytestmark``),
+    and their parity tests test the fast path. Experiment and seed tests run what the chapters
+    run. ``tests/test_fast_torch_bn_slabs.py`` tests the switch itself."""
+    from bncourse.fast import torch_bn as fast
 
-@pytest.fixture(autouse=True)
-def fast_kernels_on_small_inputs(request, monkeypatch):
-    """The torch modules run the reference kernels on small inputs (``SMALL_INPUT``); the
-    inputs of the batch-norm test modules are small, so those modules run the fast kernels on
-    them instead, and their parity tests test the fast path. (Experiment and seed tests run
-    what the chapters run.) ``tests/test_fast_torch_bn_slabs.py`` tests the switch itself."""
-    if request.module.__name__.rsplit(".", 1)[-1] in _FAST_ON_SMALL_INPUTS:
-        from bncourse.fast import torch_bn as fast
-
-        monkeypatch.setattr(fast, "SMALL_INPUT", 0)
+    monkeypatch.setattr(fast, "SMALL_INPUT", 0)

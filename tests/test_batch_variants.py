@@ -9,6 +9,8 @@ from torch import nn
 from bncourse import torch_bn
 from bncourse.batch_variants import BatchRenorm, GhostBatchNorm, to_batch_variant
 
+pytestmark = pytest.mark.usefixtures("fast_kernels_on_small_inputs")
+
 
 def _input(shape, seed=0):
     generator = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ from bncourse.fast import torch_bn as fast
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=2e-5)}
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fast_kernels_on_small_inputs")
 
 
 def _inputs(shape, dtype, affine, mean=0.5, seed=0, channels_last=False):

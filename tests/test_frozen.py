@@ -21,6 +21,8 @@ from bncourse.frozen import (
 from bncourse.models import make_mlp
 from bncourse.training import train
 
+pytestmark = pytest.mark.usefixtures("fast_kernels_on_small_inputs")
+
 SHAPES = {1: (6, 3), 2: (4, 3, 5, 5), 3: (2, 3, 2, 3, 4)}
 FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
 IMPLS = {"torch": nn, "bncourse": torch_bn}

@@ -18,6 +18,8 @@ from bncourse.precision import (
     variance_in,
 )
 
+pytestmark = pytest.mark.usefixtures("fast_kernels_on_small_inputs")
+
 IMPLS = {"torch": nn, "bncourse": torch_bn}
 
 

@@ -41,7 +41,7 @@ MODULE_INFOS = {
 ]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fast_kernels_on_small_inputs")
 
 
 def _ours(info) -> type[nn.Module]:

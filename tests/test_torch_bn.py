@@ -21,7 +21,7 @@ from bncourse.fast import torch_bn as fast_torch_bn
 from bncourse.fast.torch_bn import compiled_kernels
 from bncourse.torch_bn import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm, fold_batch_norm
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fast_kernels_on_small_inputs")
 
 
 TOLERANCE = {

@@ -23,7 +23,7 @@ TOL64 = dict(rtol=1e-9, atol=1e-9)
 TOL32 = dict(rtol=1e-5, atol=1e-5)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fast_kernels_on_small_inputs")
 
 
 @pytest.fixture(params=KERNELS)
