@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bncourse.utils import KernelChoice
+from bncourse.utils import KernelChoice, signature_computed_once
 
 __all__ = [
     "batch_norm",
@@ -278,6 +278,7 @@ def _kernel_functions(name: str) -> tuple[Any, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+@signature_computed_once
 class _BatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm with the hand-derived backward of the chosen kernels.
 

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from bncourse.utils import KernelChoice
+from bncourse.utils import KernelChoice, signature_computed_once
 
 __all__ = [
     "normalize",
@@ -234,6 +234,7 @@ def _use_fast(
     return name == "fast" and fast.supports(input, weight, bias, dims)
 
 
+@signature_computed_once
 class _Normalize(torch.autograd.Function):
     """``y = weight * (x - mean) / sqrt(var + eps) + bias`` over ``dims``, hand-derived backward."""
 

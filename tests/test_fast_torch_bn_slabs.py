@@ -30,11 +30,17 @@ def _inputs(shape, dtype, mean=0.5, channels_last=False):
     return shared_inputs(shape, dtype, True, mean=mean, channels_last=channels_last)
 
 
+# the two routes of the fast kernels on a CPU (inputs of standard deviation 2): every channel's
+# mean within fast.ONE_PASS_MEAN standard deviations of zero (sums of x itself), or not (pivot)
+ROUTES = {"one-pass": 0.5, "pivot": 20.0}
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("keep_centred", [True, False], ids=["kept", "not-kept"])
-def test_slab_sums_match_the_reference(shape, dtype, keep_centred, slabs_of_two):
-    x, g, gamma, beta = _inputs(shape, dtype)
+@pytest.mark.parametrize("route", ROUTES)
+def test_slab_sums_match_the_reference(shape, dtype, keep_centred, route, slabs_of_two):
+    x, g, gamma, beta = _inputs(shape, dtype, mean=ROUTES[route])
     slabs_of_two(x)
     expected = torch_bn.batch_norm_forward(x, gamma, beta, 1e-5)
     ours = fast.batch_norm_forward(x, gamma, beta, 1e-5, keep_centred)
@@ -44,13 +50,40 @@ def test_slab_sums_match_the_reference(shape, dtype, keep_centred, slabs_of_two)
         torch.testing.assert_close(ours[3], expected[3], **TOLERANCE[dtype])
         gradients = fast.batch_norm_backward(g, ours[3], gamma, ours[2], 1e-5)
     else:
-        centring = ours[3]  # pivots, then mean(x - pivot): their sum is mu
-        assert centring.shape == (2 * shape[1],)
-        torch.testing.assert_close(centring[: shape[1]] + centring[shape[1] :], expected[1])
+        centring = ours[3]
+        if route == "one-pass":  # the mean itself
+            assert centring.shape == (shape[1],)
+            torch.testing.assert_close(centring, expected[1], **TOLERANCE[dtype])
+        else:  # pivots, then mean(x - pivot): their sum is mu
+            assert centring.shape == (2 * shape[1],)
+            torch.testing.assert_close(centring[: shape[1]] + centring[shape[1] :], expected[1])
         gradients = fast.batch_norm_backward_from_input(g, x, centring, gamma, ours[2], 1e-5)
     wanted = torch_bn.batch_norm_backward(g, expected[3], gamma, expected[2], 1e-5)
     for actual, want in zip(gradients, wanted, strict=True):
         torch.testing.assert_close(actual, want, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_one_pass_route_at_its_limit_is_accurate_in_float32(channels_last, slabs_of_two):
+    """Every mean just inside fast.ONE_PASS_MEAN standard deviations: the one-pass route runs
+    (the mean is what it keeps) and agrees with the float64 reference to float32 precision."""
+    x, g, gamma, beta = _inputs((9, 3, 4, 5), torch.float64, mean=0.0, channels_last=channels_last)
+    x = x - x.mean((0, 2, 3), keepdim=True)
+    x = (x + 0.99 * fast.ONE_PASS_MEAN * x.std((0, 2, 3), correction=0, keepdim=True)).float()
+    slabs_of_two(x)
+    exact = torch_bn.batch_norm_forward(x.double(), gamma, beta, 1e-5)
+    y, mu, var, centring = fast.batch_norm_forward(x, gamma.float(), beta.float(), 1e-5, False)
+    assert centring.shape == (3,)
+    torch.testing.assert_close(y.double(), exact[0], rtol=0, atol=2e-6)
+    torch.testing.assert_close(var.double(), exact[2], rtol=2e-6, atol=0)
+    dx, dgamma, _ = fast.batch_norm_backward_from_input(
+        g.float(), x, centring, gamma.float(), var, 1e-5
+    )
+    wanted = torch_bn.batch_norm_backward(g, exact[3], gamma, exact[2], 1e-5)
+    torch.testing.assert_close(dx.double(), wanted[0], rtol=0, atol=2e-6)
+    torch.testing.assert_close(dgamma.double(), wanted[1], rtol=0, atol=2e-4)
+    x[:, 1] += 50.0  # one channel's mean now far out (std 2): the pivot route
+    assert fast.batch_norm_forward(x, gamma.float(), beta.float(), 1e-5, False)[3].shape == (6,)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
@@ -96,15 +129,15 @@ def test_modules_keep_no_centred_input_by_default_and_match_torch(slabs_of_two):
     y = ours(x.clone().requires_grad_(True))
     saved = [t for t in y.grad_fn.saved_tensors if isinstance(t, torch.Tensor)]
     assert sum(t.numel() == x.numel() for t in saved) == 1  # x only
-    assert saved[-1].shape == (2 * x.shape[1],)  # the pivots and shifts
+    assert saved[-1].shape == (x.shape[1],)  # the mean (a small mean: the one-pass route)
 
 
 def test_modules_run_the_reference_kernels_on_small_inputs(monkeypatch):
     """Below fast.SMALL_INPUT values the fast choice runs the reference kernels (which keep
-    the centred input, full size); from it on, the fast ones (2C values kept)."""
+    the centred input, full size); from it on, the fast ones (C values kept: the mean)."""
     module = torch_bn.BatchNorm2d(3)
     x = torch.randn(4, 3, 5, 5)
-    for threshold, kept in ((x.numel() + 1, x.numel()), (x.numel(), 2 * 3)):
+    for threshold, kept in ((x.numel() + 1, x.numel()), (x.numel(), 3)):
         monkeypatch.setattr(fast, "SMALL_INPUT", threshold)
         y = module(x.clone().requires_grad_(True))
         saved = [t for t in y.grad_fn.saved_tensors if isinstance(t, torch.Tensor)]

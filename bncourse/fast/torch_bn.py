@@ -58,7 +58,13 @@ __all__ = [
 SMALL_INPUT = 1 << 16  # the modules run the reference kernels on inputs of fewer values
 # (measured at two threads: (2, 64, 8, 8) 0.30 ms reference, 0.43 ms fast; (32, 64, 32, 32)
 # 11.0 ms reference, 4.6 ms fast)
-SLAB_BYTES = 1 << 19  # whole samples per slab: about 512 KiB, well inside a core's L2 cache
+ONE_PASS_MEAN = 2.0  # on a CPU, the sums of x itself when every |mean| <= 2 std (see above)
+SLAB_BYTES = 1 << 20  # whole samples per slab: about 1 MiB, inside a core's L2 cache
+
+
+def _channel_shape(x: Tensor) -> list[int]:
+    """The shape (1, C, 1, ...) of per-channel values that broadcast against ``x`` (N, C, *)."""
+    return [1, x.shape[1]] + [1] * (x.dim() - 2)
 
 
 def _channel_sum_of_products(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
@@ -68,9 +74,9 @@ def _channel_sum_of_products(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
     rows = max(1, SLAB_BYTES // max(1, a[0].numel() * a.element_size()))
     if rows * 2 > n:  # one or two slabs: a plain product and sum
         return (a * b).sum(dims, keepdim=True)
-    accumulator = torch.zeros_like(a[:rows])
+    accumulator = a[:rows] * b[:rows]
     whole = n - n % rows
-    for start in range(0, whole, rows):
+    for start in range(rows, whole, rows):
         accumulator.addcmul_(a[start : start + rows], b[start : start + rows])
     total = accumulator.sum(dims, keepdim=True)
     if whole < n:
@@ -78,22 +84,76 @@ def _channel_sum_of_products(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
     return total
 
 
-def _sum_and_sum_of_squares(d: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
-    """Per-channel ``sum(d)`` and ``sum(d * d)``, shape (1, C, 1, ...), of ``d`` (N, C, *).
+def _rows(t: Tensor) -> Tensor | None:
+    """``t`` (N, C, *) as (N * C, positions) rows when each (sample, channel) pair is a contiguous
+    row of at least 16 values (NCHW layout), else None."""
+    n, channels = t.shape[0], t.shape[1]
+    row = t.numel() // max(1, n * channels)
+    if t.dim() > 2 and row >= 16 and t.is_contiguous():
+        return t.view(n * channels, row)
+    return None
+
+
+def _channel_sums(t: Tensor, dims: list[int]) -> Tensor:
+    """Per-channel ``sum(t)``, shape (1, C, 1, ...), of ``t`` (N, C, *); by rows for NCHW."""
+    rows = _rows(t)
+    if rows is None:
+        return t.sum(dims, keepdim=True)
+    return rows.sum(1).view(t.shape[0], -1).sum(0).view(_channel_shape(t))
+
+
+def _sum_and_sum_of_squares(d: Tensor, dims: list[int]) -> Tensor:
+    """Per-channel ``sum(d)`` and ``sum(d * d)`` of ``d`` (N, C, *), stacked: (2, 1, C, 1, ...).
 
     When every (sample, channel) pair is a contiguous row (NCHW layout), both are row
     reductions over contiguous memory, the squares through the row norms, a single read
     of ``d`` each; otherwise a plain sum and the slab-by-slab sum of squares."""
-    n, channels = d.shape[0], d.shape[1]
-    row = d.numel() // max(1, n * channels)
-    if d.dim() > 2 and row >= 16 and d.is_contiguous():
-        rows = d.view(n * channels, row)
-        shape = [1, channels] + [1] * (d.dim() - 2)
-        sums = rows.sum(1).view(n, channels).sum(0).view(shape)
-        squares = torch.linalg.vector_norm(rows, dim=1).square_()
-        return sums, squares.view(n, channels).sum(0).view(shape)
-    squares = _channel_sum_of_products(d, d, dims)
-    return d.sum(dims, keepdim=True), squares
+    rows = _rows(d)
+    if rows is None:
+        return torch.stack([d.sum(dims, keepdim=True), _channel_sum_of_products(d, d, dims)])
+    per_row = d.new_empty(2, rows.shape[0])
+    torch.sum(rows, 1, out=per_row[0])
+    torch.linalg.vector_norm(rows, dim=1, out=per_row[1])
+    per_row[1].square_()
+    return per_row.view(2, d.shape[0], -1).sum(1).view([2] + _channel_shape(d))
+
+
+def _mean_and_variance(d: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance (1, C, 1, ...) of ``d`` (N, C, *), from its sums:
+    ``mean(d * d) - mean(d)**2``, accurate when the mean is not large against the spread."""
+    mean, mean_of_squares = _sum_and_sum_of_squares(d, dims).div_(d.numel() // d.shape[1])
+    return mean, torch.addcmul(mean_of_squares, mean, mean, value=-1.0).clamp_(min=0.0)
+
+
+def _one_pass(mu: Tensor, var: Tensor) -> bool:
+    """Whether every channel's mean lies within ``ONE_PASS_MEAN`` standard deviations of zero
+    (``mu``, ``var`` of any shape): ``var - mu**2 / ONE_PASS_MEAN**2 >= 0``."""
+    return bool(torch.addcmul(var, mu, mu, value=-1.0 / ONE_PASS_MEAN**2).min() >= 0.0)
+
+
+def _along_rows(a: Tensor, b: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel values ``a``, ``b`` (1, C, 1, ...) shaped to broadcast against ``x`` (N, C, *)
+    so that an elementwise operation with both runs on contiguous rows. For NCHW input each
+    channel's value is repeated over one sample's positions, (1, C, *spatial), as an elementwise
+    kernel runs on contiguous rows when at most one operand is broadcast along them. Otherwise
+    (channels-last, or (N, C) input) they are already constant along the contiguous dimension."""
+    if x.dim() > 2 and x.shape[0] > 1 and x.is_contiguous():
+        both = torch.stack([a, b]).expand((2, 1) + tuple(x.shape[1:])).contiguous()
+        return both[0], both[1]
+    return a, b
+
+
+def _scale_and_offset(
+    centre: Tensor, var: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, x: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``scale = gamma / sqrt(var + eps)`` and ``offset = beta - centre * scale`` (1, C, 1, ...):
+    the output is ``(x - centre) * scale + offset``, an affine map of ``x - centre``."""
+    scale = (var + eps).rsqrt_()
+    if gamma is not None:
+        scale = scale.mul_(gamma.view(_channel_shape(x)))
+    if beta is None:
+        return scale, torch.mul(centre, scale).neg_()
+    return scale, torch.addcmul(beta.view(_channel_shape(x)), centre, scale, value=-1.0)
 
 
 def batch_norm_forward(
@@ -104,31 +164,34 @@ def batch_norm_forward(
     Returns ``(y, mu, var, x_mu)``: output (N, C, *), batch mean and biased variance (C,), and
     the centred input (N, C, *), the same values as the reference kernel up to rounding. With
     ``keep_centred=False`` the centred input is not formed (one full-size tensor fewer) and the
-    fourth output is instead ``centring`` (2C,): each channel's pivot, then ``mean(x - pivot)``
-    (their sum is ``mu``, more exactly than ``mu`` in the input's dtype), for
-    :func:`batch_norm_backward_from_input`.
+    fourth output is instead ``centring`` for :func:`batch_norm_backward_from_input`: on a CPU,
+    when every channel's mean is within ``ONE_PASS_MEAN`` standard deviations of zero, the
+    mean itself (C,) (the one-pass route: statistics and output straight from ``x``); else
+    (2C,) each channel's pivot, then ``mean(x - pivot)`` (their sum is ``mu``, more exactly than
+    ``mu`` in the input's dtype).
     """
     dims = reference._reduction_dims(x)
-    m = x.numel() // x.shape[1]
+    if not keep_centred and x.device.type == "cpu":
+        mu, var = _mean_and_variance(x, dims)
+        if _one_pass(mu, var):  # y = x * scale + (beta - mu * scale): one pass, one new tensor
+            scale, offset = _scale_and_offset(mu, var, gamma, beta, eps, x)
+            offset_rows, scale_rows = _along_rows(offset, scale, x)
+            y = torch.addcmul(offset_rows, x, scale_rows)
+            return y, mu.flatten().clone(), var.view(-1), mu.view(-1)
     # one sample per channel, a small contiguous copy (broadcasting a strided view is slow)
     pivot = x[(slice(0, 1), slice(None)) + (slice(0, 1),) * (x.dim() - 2)].contiguous()
     d = torch.sub(x, pivot)  # x - pivot, in x's memory layout; becomes y (or x - mu)
-    sum_d, sum_dd = _sum_and_sum_of_squares(d, dims)
-    shift = sum_d.div_(m)  # mean(d) = mu - pivot, small
-    var = sum_dd.div_(m).sub_(shift * shift).clamp_(min=0.0)
-    inv_std = (var + eps).rsqrt_()
-    scale = inv_std if gamma is None else inv_std * reference._per_channel(gamma, x)
+    shift, var = _mean_and_variance(d, dims)  # mean(d) = mu - pivot, small
     mu = (pivot + shift).view(-1)
+    scale, offset = _scale_and_offset(shift, var, gamma, beta, eps, x)
     if keep_centred:
         x_mu = d.sub_(shift)  # now x - mu, exactly centred
         y = torch.mul(x_mu, scale)
         if beta is not None:
-            y.add_(reference._per_channel(beta, x))
+            y.add_(beta.view(_channel_shape(x)))
         return y, mu, var.view(-1), x_mu
-    offset = -shift * scale  # y = d * scale + (beta - shift * scale)
-    if beta is not None:
-        offset += reference._per_channel(beta, x)
-    y = d.mul_(scale).add_(offset)
+    offset_rows, scale_rows = _along_rows(offset, scale, x)
+    y = torch.addcmul(offset_rows, d, scale_rows, out=d)  # d * scale + beta - shift * scale
     return y, mu, var.view(-1), torch.cat([pivot.view(-1), shift.view(-1)])
 
 
@@ -152,25 +215,35 @@ def batch_norm_backward(
 def batch_norm_backward_from_input(
     g: Tensor, x: Tensor, centring: Tensor, gamma: Tensor | None, var: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`batch_norm_backward` from the input ``x`` (N, C, *) and the ``centring`` (2C,)
-    that :func:`batch_norm_forward` returned with ``keep_centred=False``; forms ``x - mu``
-    (``mu`` rounded to the input's dtype, the rounding taken out per channel) in the tensor
-    that becomes ``dx``, so that ``dx`` sums to zero over each channel up to rounding.
+    """:func:`batch_norm_backward` from the input ``x`` (N, C, *) and the ``centring`` that
+    :func:`batch_norm_forward` returned with ``keep_centred=False``.
+
+    With the mean (C,) (the one-pass route), ``sum(g * (x - mu))`` is ``sum(g * x) - mu *
+    sum(g)`` and ``dx = p * x + (q - p * mu) + scale * g``, straight from ``x``. With a pivot and
+    shift (2C,), ``x - mu`` (``mu`` rounded to the input's dtype) is formed in the tensor that
+    becomes ``dx`` and the rounding is taken out per channel, so that ``dx`` sums to zero over
+    each channel up to rounding, however large the mean.
 
     Returns ``(dx, dgamma, dbeta)``, shapes (N, C, *), (C,), (C,).
     """
     dims = reference._reduction_dims(g)
     channels = x.shape[1]
-    pivot = reference._per_channel(centring[:channels], x)
-    shift = reference._per_channel(centring[channels:], x)  # mu = pivot + shift
-    mu = pivot + shift  # rounded to x's dtype, as the forward's mu
-    rest = (pivot - mu) + shift  # what the rounding left out (pivot - mu is exact): tiny
-    buffer = torch.sub(x, mu)  # becomes dx; x - mu = buffer - rest, centred but for rest
-    sum_g = g.sum(dims, keepdim=True)
-    sum_g_d = _channel_sum_of_products(g, buffer, dims)
-    sum_g_x_mu = sum_g_d.sub_(rest * sum_g)
+    # dx = p * (source - centre) + q + scale * g, where source - centre = x - mu
+    if centring.numel() == channels:  # one pass: from x, centre mu
+        source, centre, out = x, centring.view(_channel_shape(x)), None
+    else:
+        pivot = centring[:channels].view(_channel_shape(x))
+        shift = centring[channels:].view(_channel_shape(x))  # mu = pivot + shift
+        mu = pivot + shift  # rounded to x's dtype, as the forward's mu
+        source = out = torch.sub(x, mu)  # becomes dx: x - mu = source - centre
+        centre = (pivot - mu) + shift  # what the rounding left out (pivot - mu is exact): tiny
+    sum_g = _channel_sums(g, dims)
+    sum_g_source = _channel_sum_of_products(g, source, dims)
+    sum_g_x_mu = torch.addcmul(sum_g_source, centre, sum_g, value=-1.0)
     p, q, scale, inv_std = _backward_coefficients(g, gamma, var, eps, sum_g, sum_g_x_mu)
-    dx = buffer.mul_(p).add_(q - p * rest).addcmul_(g, scale)
+    q_rows, p_rows = _along_rows(torch.addcmul(q, p, centre, value=-1.0), p, x)
+    dx = torch.addcmul(q_rows, source, p_rows, out=out)
+    dx.addcmul_(g, scale)
     return dx, (inv_std * sum_g_x_mu).view(-1), sum_g.view(-1)
 
 
@@ -180,8 +253,8 @@ def _backward_coefficients(
     """Per-channel ``(p, q, scale, inv_std)`` of ``dx = p * (x - mu) + q + scale * g``, the
     closed form ``scale * (g - mean(g) - x_hat * mean(g * x_hat))`` regrouped."""
     m = g.numel() // g.shape[1]
-    inv_std = reference._per_channel(torch.rsqrt(var + eps), g)
-    scale = inv_std if gamma is None else reference._per_channel(gamma, g) * inv_std
+    inv_std = torch.rsqrt(var + eps).view(_channel_shape(g))
+    scale = inv_std if gamma is None else gamma.view(_channel_shape(g)) * inv_std
     p = (scale * (inv_std * (inv_std * sum_g_x_mu))).mul_(-1.0 / m)
     q = (scale * sum_g).mul_(-1.0 / m)
     return p, q, scale, inv_std
