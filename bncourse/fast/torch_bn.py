@@ -29,6 +29,14 @@ PyTorch's native kernel makes one new tensor each way (``y``, then ``dx``); so d
   ``inv_std * (inv_std * sum(g * (x - mu)))`` so that ``inv_std**2`` alone is never formed
   (it overflows float32 for a constant channel and a tiny ``eps``).
 
+* **One pass when the mean is small.** On a CPU, when every channel's mean lies within
+  ``ONE_PASS_MEAN`` (2) standard deviations of zero, ``sum(x)`` and ``sum(x * x)`` lose no
+  digits that matter, so the modules' forward takes them from ``x`` and writes
+  ``y = x * scale + (beta - mu * scale)`` in one pass, and their backward takes
+  ``sum(g * (x - mu))`` as ``sum(g * x) - mu * sum(g)`` and ``dx`` from ``x`` directly; the
+  pivot route above runs otherwise (a check of C values, and a host sync, which is why the
+  route is CPU only).
+
 The modules use :func:`batch_norm_forward` with ``keep_centred=False`` and
 :func:`batch_norm_backward_from_input`; with ``keep_centred=True`` (the default, the
 reference kernels' contract) the forward also returns ``x - mu`` for
