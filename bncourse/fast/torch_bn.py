@@ -70,11 +70,6 @@ ONE_PASS_MEAN = 2.0  # on a CPU, the sums of x itself when every |mean| <= 2 std
 SLAB_BYTES = 1 << 20  # whole samples per slab: about 1 MiB, inside a core's L2 cache
 
 
-def _channel_shape(x: Tensor) -> list[int]:
-    """The shape (1, C, 1, ...) of per-channel values that broadcast against ``x`` (N, C, *)."""
-    return [1, x.shape[1]] + [1] * (x.dim() - 2)
-
-
 def _channel_sum_of_products(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
     """Per-channel ``sum(a * b)``, shape (1, C, 1, ...), for ``a``, ``b`` of shape (N, C, *); no
     full-size temporary when the tensors span several slabs."""
@@ -107,7 +102,7 @@ def _channel_sums(t: Tensor, dims: list[int]) -> Tensor:
     rows = _rows(t)
     if rows is None:
         return t.sum(dims, keepdim=True)
-    return rows.sum(1).view(t.shape[0], -1).sum(0).view(_channel_shape(t))
+    return reference._per_channel(rows.sum(1).view(t.shape[0], -1).sum(0), t)
 
 
 def _sum_and_sum_of_squares(d: Tensor, dims: list[int]) -> Tensor:
@@ -123,7 +118,7 @@ def _sum_and_sum_of_squares(d: Tensor, dims: list[int]) -> Tensor:
     torch.sum(rows, 1, out=per_row[0])
     torch.linalg.vector_norm(rows, dim=1, out=per_row[1])
     per_row[1].square_()
-    return per_row.view(2, d.shape[0], -1).sum(1).view([2] + _channel_shape(d))
+    return per_row.view(2, d.shape[0], -1).sum(1).view([2, 1, d.shape[1]] + [1] * (d.dim() - 2))
 
 
 def _mean_and_variance(d: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
@@ -158,10 +153,10 @@ def _scale_and_offset(
     the output is ``(x - centre) * scale + offset``, an affine map of ``x - centre``."""
     scale = (var + eps).rsqrt_()
     if gamma is not None:
-        scale = scale.mul_(gamma.view(_channel_shape(x)))
+        scale = scale.mul_(reference._per_channel(gamma, x))
     if beta is None:
         return scale, torch.mul(centre, scale).neg_()
-    return scale, torch.addcmul(beta.view(_channel_shape(x)), centre, scale, value=-1.0)
+    return scale, torch.addcmul(reference._per_channel(beta, x), centre, scale, value=-1.0)
 
 
 def batch_norm_forward(
@@ -196,7 +191,7 @@ def batch_norm_forward(
         x_mu = d.sub_(shift)  # now x - mu, exactly centred
         y = torch.mul(x_mu, scale)
         if beta is not None:
-            y.add_(beta.view(_channel_shape(x)))
+            y.add_(reference._per_channel(beta, x))
         return y, mu, var.view(-1), x_mu
     offset_rows, scale_rows = _along_rows(offset, scale, x)
     y = torch.addcmul(offset_rows, d, scale_rows, out=d)  # d * scale + beta - shift * scale
@@ -238,10 +233,10 @@ def batch_norm_backward_from_input(
     channels = x.shape[1]
     # dx = p * (source - centre) + q + scale * g, where source - centre = x - mu
     if centring.numel() == channels:  # one pass: from x, centre mu
-        source, centre, out = x, centring.view(_channel_shape(x)), None
+        source, centre, out = x, reference._per_channel(centring, x), None
     else:
-        pivot = centring[:channels].view(_channel_shape(x))
-        shift = centring[channels:].view(_channel_shape(x))  # mu = pivot + shift
+        pivot = reference._per_channel(centring[:channels], x)
+        shift = reference._per_channel(centring[channels:], x)  # mu = pivot + shift
         mu = pivot + shift  # rounded to x's dtype, as the forward's mu
         source = out = torch.sub(x, mu)  # becomes dx: x - mu = source - centre
         centre = (pivot - mu) + shift  # what the rounding left out (pivot - mu is exact): tiny
@@ -261,8 +256,8 @@ def _backward_coefficients(
     """Per-channel ``(p, q, scale, inv_std)`` of ``dx = p * (x - mu) + q + scale * g``, the
     closed form ``scale * (g - mean(g) - x_hat * mean(g * x_hat))`` regrouped."""
     m = g.numel() // g.shape[1]
-    inv_std = torch.rsqrt(var + eps).view(_channel_shape(g))
-    scale = inv_std if gamma is None else gamma.view(_channel_shape(g)) * inv_std
+    inv_std = reference._per_channel(torch.rsqrt(var + eps), g)
+    scale = inv_std if gamma is None else reference._per_channel(gamma, g) * inv_std
     p = (scale * (inv_std * (inv_std * sum_g_x_mu))).mul_(-1.0 / m)
     q = (scale * sum_g).mul_(-1.0 / m)
     return p, q, scale, inv_std
