@@ -18,15 +18,10 @@ bandwidth measured in the same process (``y.copy_(x)`` on a 256 MiB tensor, one 
 write per byte). With ``B`` bytes per tensor of the input's size, an ideal batch norm moves
 ``5 B``: forward reads ``x`` and writes ``y``; backward reads ``x`` and ``dy`` and writes ``dx``.
 
-Page faults. Each step makes new full-size tensors (``y``, ``dx``); when glibc's allocator has
-given a freed block back to the operating system, the next one costs a page fault per 4 KiB
-page the first time it is written, which on a CPU can cost as much as the arithmetic. Whether
-it does depends on the order and sizes of all the allocations in the process, so it shifts
-with the set of contenders and between runs (native measured 2.6 to 4.3 ms at two threads on
-the same input). To time the kernels without it, pin the allocator for the whole process::
-
-    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
-        python benchmarks/bench_torch_bn.py
+Page faults. Each step makes new full-size tensors (``y``, ``dx``), and whether they cost a page
+fault per 4 KiB page depends on every allocation in the process; the script therefore re-runs
+itself with glibc's allocator pinned (:mod:`pinned_allocator`), so that every contender reuses
+its memory. ``--unpinned-allocator`` times the default behaviour instead.
 
 Examples
 --------
@@ -47,6 +42,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pinned_allocator import pin_allocator  # noqa: E402  (this script's folder)
 
 from bncourse import torch_bn  # noqa: E402
 
@@ -166,4 +163,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    pin_allocator(sys.argv)
     main()

@@ -202,9 +202,11 @@ def use_kernels(name: str) -> str:
         ``"fast"`` (the default): :mod:`bncourse.fast.torch_bn`, the same formulas in fewer passes
         over memory and one new full-size tensor each way. ``"reference"``:
         :func:`batch_norm_forward` and :func:`batch_norm_backward` of this module, which read
-        like the book. ``"compiled"``: the reference formulas fused by
-        :func:`torch.compile` (the first call for each kind of input compiles for seconds to a
-        minute and needs a C++ compiler on the CPU); about as fast as ``torch.nn`` on a CPU.
+        like the book. ``"compiled"``: plain formulas fused by :func:`torch.compile` (the
+        pivot's sums in one pass, then the output; the reference backward), see
+        :func:`bncourse.fast.torch_bn.compiled_kernels` (the first call for each kind of input
+        compiles for seconds to a minute and needs a C++ compiler on the CPU); on a CPU about
+        as fast as ``torch.nn`` or faster.
 
     Returns
     -------

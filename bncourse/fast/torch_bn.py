@@ -40,8 +40,9 @@ PyTorch's native kernel makes one new tensor each way (``y``, then ``dx``); so d
 The modules use :func:`batch_norm_forward` with ``keep_centred=False`` and
 :func:`batch_norm_backward_from_input`; with ``keep_centred=True`` (the default, the
 reference kernels' contract) the forward also returns ``x - mu`` for
-:func:`batch_norm_backward`. :func:`compiled_kernels` gives the reference formulas fused by
-:func:`torch.compile` (the ``"compiled"`` choice of :func:`bncourse.torch_bn.use_kernels`).
+:func:`batch_norm_backward`. :func:`compiled_kernels` gives plain formulas fused by
+:func:`torch.compile` (the ``"compiled"`` choice of :func:`bncourse.torch_bn.use_kernels`): the
+pivot route's forward, two passes over ``x``, and the reference backward.
 """
 
 from __future__ import annotations
@@ -275,7 +276,7 @@ def _compile_or_fall_back(name: str, function: Callable[..., Any]) -> Callable[.
         except Exception as error:  # e.g. no C++ compiler: BackendCompilerFailed
             warnings.warn(
                 "bncourse.fast.torch_bn: compiling the batch-norm kernels failed, using the "
-                f"reference operations instead ({type(error).__name__}: {str(error)[:200]})",
+                f"same operations uncompiled ({type(error).__name__}: {str(error)[:200]})",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -288,8 +289,16 @@ def _compile_or_fall_back(name: str, function: Callable[..., Any]) -> Callable[.
 def _forward_keeping_no_centred_input(
     x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, mu, var, _ = reference.batch_norm_forward(x, gamma, beta, eps)
-    return y, mu, var
+    """The forward for :func:`torch.compile`: the pivot route in plain operations, so that the
+    compiler reads ``x`` twice (one fused pass for ``sum(d)`` and ``sum(d * d)``, one for
+    ``y``) where the reference's exact two-step centring reads it four times."""
+    dims = reference._reduction_dims(x)
+    pivot = x[(slice(0, 1), slice(None)) + (slice(0, 1),) * (x.dim() - 2)]
+    d = x - pivot
+    shift = d.mean(dims, keepdim=True)  # mu - pivot, small
+    var = ((d * d).mean(dims, keepdim=True) - shift * shift).clamp(min=0.0)
+    scale, offset = _scale_and_offset(shift, var, gamma, beta, eps, x)
+    return d * scale + offset, (pivot + shift).view(-1), var.view(-1)
 
 
 def _backward_from_input(
@@ -306,9 +315,9 @@ def _kernel(name: str) -> Callable[..., Any]:
 
 
 def compiled_kernels() -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """The reference kernels fused by :func:`torch.compile` (made on first use; each new kind of
+    """Kernels fused by :func:`torch.compile` (made on first use; each new kind of
     input compiles again, a second shape makes shapes dynamic). If compiling fails, a
-    ``RuntimeWarning`` says so and the reference formulas run instead.
+    ``RuntimeWarning`` says so and the same formulas run uncompiled.
 
     The forward keeps no centred input: the ``x_mu`` it returns is an empty tensor, and the
     backward, :func:`compiled_backward_from_input`, recomputes ``x - mu`` from ``x`` while it
