@@ -6,8 +6,9 @@ for a contiguous input whose statistics run over its trailing dims (every layer 
 LayerNorm and RMSNorm on ``(*, D)``, GroupNorm on ``(N, G, C // G, *spatial)``, InstanceNorm on
 ``(N, C, *spatial)``). The input is seen as rows ``(R, S, L)``: one statistic per row, the scale
 and shift constant along ``L`` (per column for LayerNorm, ``L = 1``; per channel for GroupNorm;
-per row for InstanceNorm, ``S = 1``). The rows are processed in chunks of about 512 KB, small
-enough to stay in the cache, so that each full-size array is read or written once:
+per row for InstanceNorm, ``S = 1``). The rows are processed in chunks of about 4 MiB per
+thread, which stay in the last-level cache between the operations on them, so that each
+full-size array is read from memory or written to it once:
 
 * forward: per chunk, ``x - pivot`` (one sample of each row: a constant row gives exactly 0, and
   a large mean cancels exactly) goes into the output's memory, its mean is subtracted, its squares
@@ -31,7 +32,9 @@ from torch import Tensor
 
 __all__ = ["normalize_forward", "normalize_backward", "supports"]
 
-CHUNK_BYTES = 512 * 1024  # per thread: a chunk of rows (and its scratch) stays in the L2 cache
+CHUNK_BYTES = 4 << 20  # per thread: each operation on a chunk is a parallel region with a fixed
+# cost, so fewer, larger chunks win while they stay in the cache (measured at two threads,
+# GroupNorm(32, 64) on (32, 64, 32, 32): 5.6 ms with 512 KiB, 4.2 ms with 4 MiB, 4.1 ms whole)
 
 
 def _first_trailing(shape: torch.Size, dims: tuple[int, ...]) -> int:
