@@ -325,6 +325,19 @@ FAST_CASES = [
 ]
 
 
+@pytest.fixture(params=["C", "operations"])
+def implementation(request):
+    """The fast kernels' two implementations on a CPU: the C kernels (skipped where they cannot
+    be built, with the reason) and the PyTorch operations."""
+    from bncourse.fast import native
+
+    if request.param == "C" and native.library() is None:
+        pytest.skip(f"the C kernels are not built here: {native.unavailable_reason()}")
+    previous = native.use_native(request.param == "C")
+    yield request.param
+    native.use_native(previous)
+
+
 def _fast_call(name, x, kwargs, params):
     weight, bias = params
     if name in ("layer_norm", "rms_norm"):
@@ -358,7 +371,7 @@ def _both_kernels(name, x, kwargs, params, dy):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize(("name", "shape", "kwargs"), FAST_CASES)
-def test_fast_kernels_match_the_reference(name, shape, kwargs, dtype):
+def test_fast_kernels_match_the_reference(name, shape, kwargs, dtype, implementation):
     from bncourse.fast import torch_norm as fast
 
     torch.manual_seed(0)
@@ -397,7 +410,7 @@ def test_fast_kernels_are_used_where_they_apply():
 @pytest.mark.parametrize(
     ("name", "shape", "kwargs"), [FAST_CASES[0], FAST_CASES[3], FAST_CASES[5], FAST_CASES[8]]
 )
-def test_fast_kernels_large_mean_float32_stay_accurate(name, shape, kwargs):
+def test_fast_kernels_large_mean_float32_stay_accurate(name, shape, kwargs, implementation):
     """Mean 1e4, std 1 in float32: within 1e-4 of the float64 result (PyTorch's own kernels are
     about 4e-4 off here)."""
     torch.manual_seed(0)
@@ -415,7 +428,9 @@ def test_fast_kernels_large_mean_float32_stay_accurate(name, shape, kwargs):
 
 
 @pytest.mark.parametrize(("name", "shape", "kwargs"), FAST_CASES)
-def test_fast_kernels_constant_rows_give_the_shift_and_finite_gradients(name, shape, kwargs):
+def test_fast_kernels_constant_rows_give_the_shift_and_finite_gradients(
+    name, shape, kwargs, implementation
+):
     torch.manual_seed(0)
     x = torch.full(shape, 3.7).requires_grad_()
     params = _fast_params(name, x, kwargs, torch.float32)
@@ -432,7 +447,7 @@ def test_fast_kernels_constant_rows_give_the_shift_and_finite_gradients(name, sh
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_fast_kernels_non_contiguous_and_channels_last_inputs_match_torch():
+def test_fast_kernels_non_contiguous_and_channels_last_inputs_match_torch(implementation):
     torch.manual_seed(0)
     cases = [
         (T.GroupNorm(4, 8), nn.GroupNorm(4, 8), (2, 8, 5, 5)),
@@ -452,7 +467,7 @@ def test_fast_kernels_non_contiguous_and_channels_last_inputs_match_torch():
     torch.testing.assert_close(dx1, dx2, atol=1e-4, rtol=1e-4)
 
 
-def test_fast_kernels_double_backward_and_gradcheck():
+def test_fast_kernels_double_backward_and_gradcheck(implementation):
     """A recorded backward (create_graph) falls back to the differentiable reference."""
     torch.manual_seed(0)
     for module, shape in [
@@ -467,6 +482,72 @@ def test_fast_kernels_double_backward_and_gradcheck():
         params = tuple(module.parameters())
         assert torch.autograd.gradcheck(lambda x, *_, m=module: m(x), (x, *params))
         assert torch.autograd.gradgradcheck(lambda x, *_, m=module: m(x), (x, *params))
+
+
+def test_c_kernels_run_where_they_apply(implementation):
+    """The forward's saved statistics tell which implementation ran: (input, mean, rstd) in
+    float64 from the C kernels, (input, pivot, shift, inv_std) from the operations."""
+    from bncourse.fast import torch_norm as fast
+
+    x = torch.randn(6, 8, 5)
+    cases = [
+        ((2,), torch.randn(5), torch.randn(5), True),  # LayerNorm: a scale per column, L = 1
+        ((1, 2), torch.randn(8, 1), torch.randn(8, 1), True),  # per column, constant along L
+        ((2,), None, None, True),  # no scale: rows of L = 5 values
+        ((2,), torch.randn(8, 5), None, False),  # a scale per (row, column): operations
+    ]
+    for dims, weight, bias, by_c in cases:
+        y, saved = fast.normalize_forward(x, weight, bias, dims, 1e-5, True)
+        c_ran = len(saved) == 3
+        assert c_ran == (by_c and implementation == "C")
+        if c_ran:
+            assert saved[1].dtype == saved[2].dtype == torch.float64
+        with T.kernels("reference"):
+            expected = T.normalize(x, dims, weight, bias)
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_c_kernels_general_layouts_match_the_reference(implementation, center):
+    """normalize() over two trailing dims with a scale that is constant along the last (per
+    column, L > 1) and with no scale, forward and all three gradients, float64."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 6, 7, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(4, 6, 7, dtype=torch.float64)
+    for weight, bias in [
+        (torch.randn(6, 1, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)),
+        (None, None),
+    ]:
+        leaves = [x] + [p.requires_grad_() for p in (weight, bias) if p is not None]
+        results = []
+        for kernels in ("fast", "reference"):
+            y = T.normalize(x, (1, 2), weight, bias, 1e-5, center, kernels=kernels)
+            results.append((y, *torch.autograd.grad(y, leaves, dy)))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_c_kernels_build_into_the_cache_and_fall_back_without_a_compiler(monkeypatch, tmp_path):
+    from bncourse.fast import native
+
+    if native.library() is None:
+        pytest.skip(f"the C kernels are not built here: {native.unavailable_reason()}")
+    monkeypatch.setenv("BNCOURSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {"enabled": True})
+    assert native.library() is not None and native.unavailable_reason() is None
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # no partial build left behind
+    monkeypatch.setenv("BNCOURSE_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native, "_state", {"enabled": True})
+    assert native.library() is None
+    assert "no-such-compiler" in native.unavailable_reason()
+    x = torch.randn(3, 8, requires_grad=True)
+    y = T.LayerNorm(8)(x)  # the PyTorch operations instead
+    torch.testing.assert_close(y, nn.LayerNorm(8)(x), atol=1e-5, rtol=1e-5)
+    assert native.use_native(False) is True
+    assert native.unavailable_reason().startswith("turned off")
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        native.use_native(1)
 
 
 def test_kernels_switch_and_errors():

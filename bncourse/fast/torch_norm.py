@@ -6,9 +6,17 @@ for a contiguous input whose statistics run over its trailing dims (every layer 
 LayerNorm and RMSNorm on ``(*, D)``, GroupNorm on ``(N, G, C // G, *spatial)``, InstanceNorm on
 ``(N, C, *spatial)``). The input is seen as rows ``(R, S, L)``: one statistic per row, the scale
 and shift constant along ``L`` (per column for LayerNorm, ``L = 1``; per channel for GroupNorm;
-per row for InstanceNorm, ``S = 1``). The rows are processed in chunks of about 4 MiB per
-thread, which stay in the last-level cache between the operations on them, so that each
-full-size array is read from memory or written to it once:
+per row for InstanceNorm, ``S = 1``).
+
+On a CPU the kernels are one fused loop per row, in C (``norm_rows.c``, built on first use by
+:mod:`bncourse.fast.native`): the statistics of a row, then its output while it is still in the
+cache; in the backward pass the row sums, then ``dx``. That is what ``torch.nn``'s own layers
+do, and the only way to come near them: the fewest PyTorch operations that a LayerNorm can be
+written with take 2 to 3 times ``torch.nn``'s time (``benchmarks/bench_norms_floor.py``).
+Without a C compiler, on a GPU, or after ``native.use_native(False)``, the same formulas run as
+PyTorch operations on chunks of rows, about 4 MiB per thread, which stay in the last-level
+cache between the operations on them, so that each full-size array is read from memory or
+written to it once:
 
 * forward: per chunk, ``x - pivot`` (one sample of each row: a constant row gives exactly 0, and
   a large mean cancels exactly) goes into the output's memory, its mean is subtracted, its squares
@@ -29,6 +37,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from bncourse.fast import native
 
 __all__ = ["normalize_forward", "normalize_backward", "supports"]
 
@@ -90,6 +100,7 @@ def _rows(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor 
     r = math.prod(x.shape[:k])
     s = math.prod(x.shape[k:m])
     ell = math.prod(x.shape[m:])
+    per_column = per_column and ell == 1  # (else a scale per (row, s), expanded over the rows)
 
     def view(p: Tensor | None) -> Tensor | None:
         if p is None:
@@ -115,6 +126,71 @@ def _chunk_rows(row_elements: int, element_size: int) -> int:
     return max(1, per_chunk // (row_elements * element_size))
 
 
+def _threads(rows: int) -> int:
+    return max(1, min(torch.get_num_threads(), rows))
+
+
+def _pointer(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _native_forward(lib, input, w, b, r, s, ell, per_column, eps, center):
+    """The C kernel's forward: ``(y, (input, mean, rstd))``, mean and rstd in float64 (R,)."""
+    y = torch.empty_like(input)
+    mean = torch.empty(r, dtype=torch.float64)
+    rstd = torch.empty(r, dtype=torch.float64)
+    w, b = (None if p is None else p.contiguous() for p in (w, b))
+    kernel = lib.norm_forward_f32 if input.dtype == torch.float32 else lib.norm_forward_f64
+    kernel(
+        *map(_pointer, (input, w, b, y, mean, rstd)),
+        *(r, s, ell, 0 if per_column else s),
+        int(center),
+        float(eps),
+        _threads(r),
+    )
+    return y, (input, mean, rstd)
+
+
+def _native_backward(lib, dy, saved, weight, bias_shape, dims, center, needs):
+    """The C kernel's backward from ``(input, mean, rstd)``: ``(dx, dweight, dbias)``."""
+    input, mean, rstd = saved
+    bias = None if bias_shape is None else input.new_empty(bias_shape)
+    r, s, ell, per_column, w, _ = _rows(input, dims, weight, bias)
+    w = None if w is None else w.contiguous()
+    need_dw, need_db = needs[1] and weight is not None, needs[2] and bias_shape is not None
+    dx = torch.empty_like(input) if needs[0] else None
+    threads = _threads(r)
+    acc = dw_rows = db_rows = None
+    if ell == 1 and (need_dw or need_db):  # per column: summed over the rows, per thread
+        acc = torch.zeros(threads, 2, s, dtype=torch.float64)
+    elif ell > 1:  # per (row, s), summed over the rows by _to_param_shape
+        dw_rows = input.new_empty(r, s) if need_dw else None
+        db_rows = input.new_empty(r, s) if need_db else None
+    kernel = lib.norm_backward_f32 if input.dtype == torch.float32 else lib.norm_backward_f64
+    kernel(
+        *map(_pointer, (dy.contiguous(), input, mean, rstd, w, dx, acc, dw_rows, db_rows)),
+        *(r, s, ell, 0 if per_column else s),
+        int(center),
+        threads,
+    )
+    if acc is not None:
+        dw_rows, db_rows = acc.sum(0).to(input.dtype)
+    dweight = dbias = None
+    if need_dw:
+        dweight = _to_param_shape(dw_rows, input, dims, weight.shape, per_column)
+    if need_db:
+        dbias = _to_param_shape(db_rows, input, dims, bias_shape, per_column)
+    return dx, dweight, dbias
+
+
+def _native_library(input: Tensor, ell: int, per_column: bool):
+    """The C kernels when they handle this input (on a CPU; a scale per column, or constant
+    along rows of more than one value), else None."""
+    if input.device.type != "cpu" or (ell == 1 and not per_column):
+        return None
+    return native.library()
+
+
 def normalize_forward(
     input: Tensor,
     weight: Tensor | None,
@@ -125,11 +201,16 @@ def normalize_forward(
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Normalise over the trailing ``dims``; see :func:`bncourse.torch_norm.normalize_forward`.
 
-    Returns ``(y, saved)``: the output (shape of ``input``) and what the backward needs, the input
-    and the pivot, the mean of ``x - pivot`` and ``1 / sqrt(var + eps)``, each of shape (R,).
-    Requires :func:`supports`.
+    Returns ``(y, saved)``: the output (shape of ``input``) and what the backward needs. From
+    the C kernels (:mod:`bncourse.fast.native`, on a CPU): the input, and the mean and
+    ``1 / sqrt(var + eps)`` of each row in float64, shape (R,). From the PyTorch operations:
+    the input and the pivot, the mean of ``x - pivot`` and ``1 / sqrt(var + eps)``, each of
+    shape (R,). Requires :func:`supports`.
     """
     r, s, ell, per_column, w, b = _rows(input, dims, weight, bias)
+    lib = _native_library(input, ell, per_column)
+    if lib is not None:
+        return _native_forward(lib, input, w, b, r, s, ell, per_column, eps, center)
     d = s * ell
     x = input.view(_row_shape(r, s, ell))
     y = torch.empty_like(x)
@@ -195,6 +276,8 @@ def normalize_backward(
     and ``q``. ``dweight`` and ``dbias`` have the shapes of ``weight`` and of ``bias_shape``.
     ``eps`` is not used (``saved`` holds ``inv_std``); it keeps the reference's signature.
     """
+    if len(saved) == 3:  # (input, mean, rstd) of the C kernels' forward
+        return _native_backward(native.built(), dy, saved, weight, bias_shape, dims, center, needs)
     input, pivot, shift, inv_std = saved
     bias = None if bias_shape is None else input.new_empty(bias_shape)
     r, s, ell, per_column, w, _ = _rows(input, dims, weight, bias)

@@ -1,0 +1,136 @@
+"""The C kernels of :mod:`bncourse.fast.torch_norm` on the CPU: built on first use, or absent.
+
+A normalisation layer is a few operations per value, and PyTorch runs each operation as its own
+pass over memory, while ``torch.nn``'s layers are one fused C++ loop per row: even the fewest
+PyTorch operations a LayerNorm or GroupNorm can be written with take 2 to 3 times ``torch.nn``'s
+time (``benchmarks/bench_norms_floor.py``). ``norm_rows.c``, next to this file, is that fused
+loop: per row, the statistics, then the output while the row is still in the cache, and the
+same for the backward pass.
+
+:func:`library` compiles it the first time it is needed, with the C compiler of the machine
+(``cc``, or ``$CC``; about a second) into a cache folder (``$BNCOURSE_CACHE`` or
+``~/.cache/bncourse``), and loads it with :mod:`ctypes`. Without a compiler, or when the
+environment variable ``BNCOURSE_NATIVE`` is ``0``, it returns None, and the fast kernels use
+PyTorch operations instead. :func:`use_native` turns the C kernels off and on at run time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["library", "built", "use_native", "unavailable_reason"]
+
+SOURCE = Path(__file__).with_name("norm_rows.c")
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",  # (the source marks the sums that may be regrouped: no -ffast-math)
+    "-fPIC",
+    "-shared",
+]
+
+if platform.machine().lower() in ("x86_64", "amd64"):
+    FLAGS.append("-mprefer-vector-width=512")  # (where the CPU has AVX-512; GCC's default is 256)
+
+_state: dict[str, object] = {"enabled": os.environ.get("BNCOURSE_NATIVE", "1") != "0"}
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and flags: a library built with ``-march=native`` runs where it was built."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _cache_folder() -> Path:
+    root = os.environ.get("BNCOURSE_CACHE") or Path.home() / ".cache" / "bncourse"
+    return Path(root)
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc, gcc or $CC) on this machine")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
+    target = _cache_folder() / f"norm_rows-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # build beside the target, then rename: processes building at once do not collide
+        handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(handle)
+        try:
+            result = subprocess.run(
+                [compiler, *FLAGS, "-o", partial, str(SOURCE)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if result.returncode != 0:
+                raise OSError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    lib = ctypes.CDLL(str(target))
+    pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for suffix in ("f32", "f64"):
+        forward = getattr(lib, f"norm_forward_{suffix}")
+        forward.argtypes = [pointer] * 6 + [size] * 4 + [flag, ctypes.c_double, flag]
+        forward.restype = None
+        backward = getattr(lib, f"norm_backward_{suffix}")
+        backward.argtypes = [pointer] * 9 + [size] * 4 + [flag, flag]
+        backward.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded C kernels, built on first use; None when turned off or when building failed
+    (:func:`unavailable_reason` says why)."""
+    if not _state["enabled"] or sys.platform == "win32":
+        return None
+    if "library" not in _state:
+        try:
+            _state["library"] = _build()
+        except (OSError, subprocess.SubprocessError) as error:
+            _state["library"] = None
+            _state["reason"] = f"{type(error).__name__}: {error}"
+    return _state["library"]  # type: ignore[return-value]
+
+
+def built() -> ctypes.CDLL | None:
+    """The library if it has been built and loaded (whether turned on or not), else None."""
+    return _state.get("library")  # type: ignore[return-value]
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`library` is None (turned off, or the build's error), or None when it is not."""
+    if not _state["enabled"]:
+        return "turned off (use_native(False) or BNCOURSE_NATIVE=0)"
+    if sys.platform == "win32":
+        return "not built on Windows"
+    library()
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def use_native(enabled: bool) -> bool:
+    """Turn the C kernels on or off for the fast kernels of :mod:`bncourse.torch_norm`; returns
+    the previous setting (``previous = use_native(False); ...; use_native(previous)``)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"use_native: enabled must be a bool, got {enabled!r}")
+    previous = bool(_state["enabled"])
+    _state["enabled"] = enabled
+    return previous

@@ -1,0 +1,234 @@
+/* Normalisation over rows, forward and backward: the CPU kernels of bncourse.fast.torch_norm.
+ *
+ * The input is seen as rows (R, S, L), contiguous: one mean and one 1 / sqrt(var + eps) per
+ * row r, over its n = S * L values; the scale w and shift b are constant along L and indexed
+ * by (r, s) as w[r * w_stride + s] (w_stride = 0: the same for every row, as in LayerNorm;
+ * w_stride = S: one per (row, s), as GroupNorm's weight expanded over the samples).
+ *
+ *   LayerNorm, RMSNorm  (R = rows, S = D, L = 1, w_stride = 0)
+ *   GroupNorm           (R = N * G, S = C / G, L = positions, w_stride = S)
+ *   InstanceNorm        (R = N * C, S = 1, L = positions, w_stride = 1)
+ *
+ * Each row is read from memory once and stays in the cache for the second pass over it:
+ * forward, the sums for the mean and variance, then the output; backward, the sums of g * w
+ * and g * w * x_hat, then dx. A row's sums run in the vector lanes (omp simd lets the
+ * compiler regroup these sums, and no other arithmetic), of values near zero, and are added
+ * in double; the mean and rstd of each row are kept in double. x - mean is formed as
+ * (x - mf) - mlo, where mf is the mean rounded to scalar_t (x - mf is exact for x near the
+ * mean) and mlo what it left out, so a mean of 1e4 costs no digits in float32.
+ * The rows are shared among threads with OpenMP (the thread count is an argument).
+ *
+ * The file is compiled once for float and once for double: it includes itself, with
+ * scalar_t and NAME(f) defined for each.
+ */
+#ifndef NORM_ROWS_BODY
+#define NORM_ROWS_BODY
+
+#include <math.h>
+#include <omp.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define FLUSH_ROWS 32 /* rows summed in scalar_t before they are added to the double sums */
+
+#define scalar_t float
+#define NAME(f) f##_f32
+#include "norm_rows.c"
+#undef scalar_t
+#undef NAME
+
+#define scalar_t double
+#define NAME(f) f##_f64
+#include "norm_rows.c"
+#undef scalar_t
+#undef NAME
+
+#else /* the body, once per scalar_t */
+
+/* mean and biased variance of x[0 .. n) (mean 0 and the mean square without centring), in
+ * one pass: the sums of t = x - x[0] and of t * t, which run in scalar_t in the vector lanes
+ * (each lane sums n / 16 values or fewer) and are combined in double. The pivot x[0] is one of
+ * the values, so t is of the order of the spread and mean(t * t) - mean(t)**2 loses few
+ * digits; a constant row gives t = 0 and a variance of exactly 0. */
+static void NAME(row_moments)(const scalar_t *x, int64_t n, int center, double *mean,
+                              double *var)
+{
+    const scalar_t pivot = center ? x[0] : 0;
+    scalar_t s = 0, ss = 0;
+#pragma omp simd reduction(+ : s, ss)
+    for (int64_t i = 0; i < n; i++) {
+        const scalar_t t = x[i] - pivot;
+        s += t;
+        ss += t * t;
+    }
+    const double shift = center ? (double)s / (double)n : 0.0;
+    const double v = (double)ss / (double)n - shift * shift;
+    *mean = (double)pivot + shift;
+    *var = v > 0.0 ? v : 0.0;
+}
+
+/* y = (x - mean) * rstd * w + b over rows; mean_out, rstd_out: one per row */
+void NAME(norm_forward)(const scalar_t *x, const scalar_t *w, const scalar_t *b, scalar_t *y,
+                        double *mean_out, double *rstd_out, int64_t R, int64_t S, int64_t L,
+                        int64_t w_stride, int center, double eps, int threads)
+{
+    const int64_t n = S * L;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        const scalar_t *xr = x + r * n;
+        scalar_t *yr = y + r * n;
+        double m, var;
+        NAME(row_moments)(xr, n, center, &m, &var);
+        const double rs = 1.0 / sqrt(var + eps);
+        mean_out[r] = m;
+        rstd_out[r] = rs;
+        const scalar_t *wr = w ? w + r * w_stride : NULL;
+        const scalar_t *br = b ? b + r * w_stride : NULL;
+        if (L == 1) { /* a scale and shift per value of the row */
+            /* x - mean as (x - mf) - mlo: mf, the mean rounded, cancels exactly */
+            const scalar_t mf = (scalar_t)m, mlo = (scalar_t)(m - mf), rf = (scalar_t)rs;
+            if (wr && br)
+                for (int64_t s = 0; s < S; s++)
+                    yr[s] = ((xr[s] - mf) - mlo) * rf * wr[s] + br[s];
+            else if (wr)
+                for (int64_t s = 0; s < S; s++)
+                    yr[s] = ((xr[s] - mf) - mlo) * rf * wr[s];
+            else if (br)
+                for (int64_t s = 0; s < S; s++)
+                    yr[s] = ((xr[s] - mf) - mlo) * rf + br[s];
+            else
+                for (int64_t s = 0; s < S; s++)
+                    yr[s] = ((xr[s] - mf) - mlo) * rf;
+            continue;
+        }
+        const scalar_t mf = (scalar_t)m, mlo = (scalar_t)(m - mf);
+        for (int64_t s = 0; s < S; s++) { /* one scale and shift per block of L values */
+            const double a = wr ? rs * wr[s] : rs;
+            const scalar_t af = (scalar_t)a;
+            const scalar_t cf = (scalar_t)((br ? br[s] : 0.0) - mlo * a);
+            const scalar_t *xs = xr + s * L;
+            scalar_t *ys = yr + s * L;
+            for (int64_t l = 0; l < L; l++)
+                ys[l] = (xs[l] - mf) * af + cf;
+        }
+    }
+}
+
+/* acc += blk, and blk = 0 */
+static void NAME(flush)(scalar_t *blk, double *acc, int64_t count)
+{
+    for (int64_t i = 0; i < count; i++) {
+        acc[i] += blk[i];
+        blk[i] = 0;
+    }
+}
+
+/* The gradients of norm_forward for the upstream gradient g, from x and the saved mean and
+ * rstd. dx (may be NULL): dx = rstd * (g w - mean(g w) - x_hat * mean(g w x_hat)), without
+ * mean(g w) when not centring. The sums for the scale and shift: with L == 1, per thread and
+ * per s into acc (threads x 2 x S doubles: sum of g * x_hat, then of g; zeroed by the caller;
+ * may be NULL); with L > 1, per (row, s) into dw_rows and db_rows (R x S, may be NULL). */
+void NAME(norm_backward)(const scalar_t *g, const scalar_t *x, const double *mean,
+                         const double *rstd, const scalar_t *w, scalar_t *dx, double *acc,
+                         scalar_t *dw_rows, scalar_t *db_rows, int64_t R, int64_t S, int64_t L,
+                         int64_t w_stride, int center, int threads)
+{
+    const int64_t n = S * L;
+#pragma omp parallel num_threads(threads)
+    {
+        /* this thread's sums for dw and db (L == 1): in blk, FLUSH_ROWS rows at a time,
+         * then added to its double sums in acc */
+        double *acc_dw = acc ? acc + (int64_t)omp_get_thread_num() * 2 * S : NULL;
+        scalar_t *blk = acc ? calloc(2 * S, sizeof(scalar_t)) : NULL;
+        scalar_t *blk_dw = blk, *blk_db = blk ? blk + S : NULL;
+        int pending = 0;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            const scalar_t *xr = x + r * n, *gr = g + r * n;
+            const scalar_t *wr = w ? w + r * w_stride : NULL;
+            const double m = mean[r], rs = rstd[r];
+            const scalar_t mf = (scalar_t)m, mlo = (scalar_t)(m - mf), rf = (scalar_t)rs;
+            double sum_gw = 0.0, sum_gw_xhat = 0.0;
+            if (L == 1) {
+                scalar_t sg = 0, sgx = 0;
+                if (wr)
+#pragma omp simd reduction(+ : sg, sgx)
+                    for (int64_t s = 0; s < S; s++) {
+                        const scalar_t gw = gr[s] * wr[s];
+                        sg += gw;
+                        sgx += gw * ((xr[s] - mf) - mlo);
+                    }
+                else
+#pragma omp simd reduction(+ : sg, sgx)
+                    for (int64_t s = 0; s < S; s++) {
+                        sg += gr[s];
+                        sgx += gr[s] * ((xr[s] - mf) - mlo);
+                    }
+                sum_gw = sg;
+                sum_gw_xhat = sgx;
+            } else {
+                for (int64_t s = 0; s < S; s++) {
+                    const scalar_t *xs = xr + s * L, *gs = gr + s * L;
+                    scalar_t sg = 0, sgx = 0;
+#pragma omp simd reduction(+ : sg, sgx)
+                    for (int64_t l = 0; l < L; l++) {
+                        sg += gs[l];
+                        sgx += gs[l] * ((xs[l] - mf) - mlo);
+                    }
+                    if (dw_rows)
+                        dw_rows[r * S + s] = (scalar_t)(sgx * rs);
+                    if (db_rows)
+                        db_rows[r * S + s] = (scalar_t)sg;
+                    const double ws = wr ? wr[s] : 1.0;
+                    sum_gw += ws * sg;
+                    sum_gw_xhat += ws * sgx;
+                }
+            }
+            sum_gw_xhat *= rs; /* the sums were of g w (x - mean) */
+            /* dx = rs * g w + p * (x - mean) + q */
+            const double p = -rs * rs * sum_gw_xhat / (double)n;
+            const double q = center ? -rs * sum_gw / (double)n : 0.0;
+            const scalar_t pf = (scalar_t)p;
+            if (L == 1) { /* (x - mf) - mlo, the centred value, is needed for dw too */
+                const scalar_t qf = (scalar_t)q;
+                scalar_t *dxr = dx ? dx + r * n : NULL;
+                if (dxr && blk)
+                    for (int64_t s = 0; s < S; s++) {
+                        const scalar_t xc = (xr[s] - mf) - mlo;
+                        dxr[s] = rf * gr[s] * (wr ? wr[s] : 1) + pf * xc + qf;
+                        blk_dw[s] += gr[s] * (xc * rf);
+                        blk_db[s] += gr[s];
+                    }
+                else if (dxr)
+                    for (int64_t s = 0; s < S; s++)
+                        dxr[s] = rf * gr[s] * (wr ? wr[s] : 1) + pf * ((xr[s] - mf) - mlo) + qf;
+                else if (blk)
+                    for (int64_t s = 0; s < S; s++) {
+                        blk_dw[s] += gr[s] * (((xr[s] - mf) - mlo) * rf);
+                        blk_db[s] += gr[s];
+                    }
+                if (blk && ++pending == FLUSH_ROWS) {
+                    NAME(flush)(blk, acc_dw, 2 * S);
+                    pending = 0;
+                }
+            } else if (dx) { /* p (x - mean) + q = p (x - mf) + (q - p mlo) */
+                const scalar_t qf = (scalar_t)(q - p * (double)mlo);
+                scalar_t *dxr = dx + r * n;
+                for (int64_t s = 0; s < S; s++) {
+                    const scalar_t af = (scalar_t)(wr ? rs * wr[s] : rs);
+                    const scalar_t *xs = xr + s * L, *gs = gr + s * L;
+                    scalar_t *dxs = dxr + s * L;
+                    for (int64_t l = 0; l < L; l++)
+                        dxs[l] = af * gs[l] + pf * (xs[l] - mf) + qf;
+                }
+            }
+        }
+        if (blk) {
+            NAME(flush)(blk, acc_dw, 2 * S);
+            free(blk);
+        }
+    }
+}
+
+#endif
