@@ -24,6 +24,7 @@ from torch import nn
 from bncourse import numpy_norm, torch_norm
 from bncourse.architectures import PAD, PlacementNet, ResNet, SequenceClassifier
 from bncourse.data import Dataset, load_digits
+from bncourse.fast import native
 from bncourse.models import make_cnn, make_mlp
 from bncourse.torch_bn import BatchNorm1d
 from bncourse.training import TrainingHistory, train
@@ -286,22 +287,36 @@ def norm_timing(
 ) -> dict[str, float]:
     """Median CPU time (ms) of forward + backward of LayerNorm and RMSNorm over the last dim.
 
-    Times this package's modules (the same code, with and without centring) and PyTorch's,
-    interleaved (:func:`bncourse.utils.interleaved_times`, ``repeats`` rounds after two
-    warm-up calls) on one thread, in CPU time so that other processes on the machine count
-    less.
+    Times this package's modules in both implementations of their fast kernels (the PyTorch
+    operations, ``"(bncourse, operations)"``, and the fused C loop, ``"(bncourse, C)"``, left
+    out where it cannot be built, see :mod:`bncourse.fast.native`), each the same code with and
+    without centring, and PyTorch's modules, interleaved (:func:`bncourse.utils.interleaved_times`,
+    ``repeats`` rounds after two warm-up calls) on one thread, in CPU time so that other
+    processes on the machine count less.
     """
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator).requires_grad_(True)
     dy = torch.randn(shape, generator=generator)
     width = shape[-1]
-    layers = {
-        "LayerNorm (bncourse)": torch_norm.LayerNorm(width),
-        "RMSNorm (bncourse)": torch_norm.RMSNorm(width),
-        "LayerNorm (torch)": nn.LayerNorm(width),
-        "RMSNorm (torch)": nn.RMSNorm(width),
+    ours = {"LayerNorm": torch_norm.LayerNorm(width), "RMSNorm": torch_norm.RMSNorm(width)}
+    theirs = {"LayerNorm": nn.LayerNorm(width), "RMSNorm": nn.RMSNorm(width)}
+    variants = {"operations": False} | ({"C": True} if native.library() is not None else {})
+
+    def step(layer: nn.Module, c_kernels: bool | None = None) -> None:
+        if c_kernels is None:
+            layer(x).backward(dy)
+            return
+        with native.native_kernels(c_kernels):
+            layer(x).backward(dy)
+
+    calls = {
+        f"{name} (bncourse, {variant})": (lambda layer=layer, c=c: step(layer, c))
+        for variant, c in variants.items()
+        for name, layer in ours.items()
     }
-    calls = {name: (lambda layer=layer: layer(x).backward(dy)) for name, layer in layers.items()}
+    calls |= {
+        f"{name} (torch)": (lambda layer=layer: step(layer)) for name, layer in theirs.items()
+    }
     with torch_threads(1):
         times = interleaved_times(calls, repeats=repeats, warmup=2, clock="cpu")
     return {name: 1e3 * float(np.median(t)) for name, t in times.items()}

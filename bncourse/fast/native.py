@@ -16,6 +16,7 @@ PyTorch operations instead. :func:`use_native` turns the C kernels off and on at
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -24,9 +25,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["library", "built", "use_native", "unavailable_reason"]
+__all__ = ["library", "built", "use_native", "native_kernels", "unavailable_reason"]
 
 SOURCE = Path(__file__).with_name("norm_rows.c")
 FLAGS = [
@@ -134,3 +136,14 @@ def use_native(enabled: bool) -> bool:
     previous = bool(_state["enabled"])
     _state["enabled"] = enabled
     return previous
+
+
+@contextlib.contextmanager
+def native_kernels(enabled: bool) -> Iterator[None]:
+    """Context manager: :func:`use_native` ``(enabled)`` inside the block, the previous setting
+    after it (also when the block raises)."""
+    previous = use_native(enabled)
+    try:
+        yield
+    finally:
+        use_native(previous)
