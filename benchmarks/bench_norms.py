@@ -4,8 +4,9 @@ Times forward + backward (a full-size upstream gradient) of GroupNorm and Instan
 (32, 64, 32, 32) and of LayerNorm and RMSNorm on (32, 128, 768), for:
 
 * ``bncourse``: the package's modules in eager mode (one autograd Function with the
-  hand-derived backward; by default the fast kernels of :mod:`bncourse.fast.torch_norm`, chunks
-  of rows that stay in the cache; ``--kernels reference`` times the reference kernels);
+  hand-derived backward; by default the fast kernels of :mod:`bncourse.fast.torch_norm`, on a
+  CPU one fused C loop per row, ``--no-native`` for their PyTorch operations on chunks of rows
+  instead; ``--kernels reference`` times the reference kernels);
 * ``bncourse compiled``: the same modules through ``torch.compile`` (Inductor fuses the
   operations of the forward and of the hand-derived backward);
 * ``torch``: ``torch.nn``'s modules in eager mode (fused native kernels), and
@@ -22,7 +23,7 @@ faults decide the result); ``--unpinned-allocator`` times the default behaviour 
 Usage::
 
     python benchmarks/bench_norms.py [--repeats 15] [--threads 1] [--no-compile] [--device cpu]
-        [--clock cpu|wall] [--kernels fast|reference] [--unpinned-allocator]
+        [--clock cpu|wall] [--kernels fast|reference] [--no-native] [--unpinned-allocator]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pinned_allocator import pin_allocator  # (this script's folder)
 from torch import nn
 
 from bncourse import torch_norm
+from bncourse.fast import native
 
 CASES = {
     "GroupNorm(32, 64)": (
@@ -109,12 +111,16 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     parser.add_argument("--kernels", choices=list(torch_norm.KERNELS), default="fast")
+    parser.add_argument("--no-native", action="store_true", help="no C kernels")
     args = parser.parse_args()
     torch_norm.use_kernels(args.kernels)
+    native.use_native(not args.no_native)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(args.threads)
+    implementation = "C" if native.library() is not None else "PyTorch operations"
     print(
-        f"torch {torch.__version__}, {device}, {args.threads} thread(s), {args.kernels} kernels, "
+        f"torch {torch.__version__}, {device}, {args.threads} thread(s), {args.kernels} kernels "
+        f"({implementation} where fast), "
         f"median of {args.repeats} interleaved rounds, forward + backward, ms of {args.clock} time"
     )
     header = "| case | bncourse | torch | ratio | bncourse compiled | ratio | torch compiled |"
@@ -122,12 +128,12 @@ def main() -> None:
     print("|" + "---|" * (header.count("|") - 1))
     for name in args.cases:
         t = bench_case(name, device, args.repeats, not args.no_compile, args.clock)
-        ours, native = t["bncourse"], t["torch"]
+        ours, theirs = t["bncourse"], t["torch"]
         compiled = t.get("bncourse compiled", float("nan"))
-        native_compiled = t.get("torch compiled", float("nan"))
+        theirs_compiled = t.get("torch compiled", float("nan"))
         print(
-            f"| {name} | {ours:.2f} | {native:.2f} | {ours / native:.2f}x | {compiled:.2f} | "
-            f"{compiled / native:.2f}x | {native_compiled:.2f} |"
+            f"| {name} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f}x | {compiled:.2f} | "
+            f"{compiled / theirs:.2f}x | {theirs_compiled:.2f} |"
         )
 
 

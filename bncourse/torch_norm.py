@@ -18,8 +18,9 @@ result cast back, as PyTorch does.
 
 The kernels: :func:`normalize_forward` and :func:`normalize_backward` here read like the math;
 :mod:`bncourse.fast.torch_norm` has the same two tuned for speed, used by default on the inputs
-they handle (:func:`use_kernels` or :func:`kernels` picks the reference). Inside
-``torch.compile`` the reference runs, fused by the compiler.
+they handle (:func:`use_kernels` or :func:`kernels` picks the reference): on a CPU one fused
+loop per row in C, built on first use (:mod:`bncourse.fast.native`), else PyTorch operations
+on chunks of rows. Inside ``torch.compile`` the reference runs, fused by the compiler.
 """
 
 from __future__ import annotations
@@ -198,11 +199,13 @@ def use_kernels(name: str) -> str:
     Parameters
     ----------
     name : {"fast", "reference"}
-        ``"fast"`` (the default): :mod:`bncourse.fast.torch_norm`, the same formulas over chunks
-        of rows that stay in the cache (inputs it does not handle, such as non-contiguous or
-        half-precision ones, use the reference). ``"reference"``: :func:`normalize_forward` and
-        :func:`normalize_backward` of this module, which read like the book. Inside
-        ``torch.compile`` the reference formulas run, fused by the compiler.
+        ``"fast"`` (the default): :mod:`bncourse.fast.torch_norm`, the same formulas in one
+        fused C loop per row on a CPU (where a C compiler built it), else as PyTorch operations
+        over chunks of rows that stay in the cache (inputs it does not handle, such as
+        non-contiguous or half-precision ones, use the reference). ``"reference"``:
+        :func:`normalize_forward` and :func:`normalize_backward` of this module, which read
+        like the book. Inside ``torch.compile`` the reference formulas run, fused by the
+        compiler.
 
     Returns
     -------
