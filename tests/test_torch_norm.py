@@ -507,6 +507,23 @@ def test_c_kernels_run_where_they_apply(implementation):
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_fast_kernels_take_a_non_contiguous_upstream_gradient(implementation):
+    """dy of a transposed view (as attention's reshapes hand it over): the kernels read a
+    contiguous copy, alive for the whole call."""
+    torch.manual_seed(2)
+    x = torch.randn(8, 12, 16, requires_grad=True)
+    weight = torch.randn(16, requires_grad=True)
+    bias = torch.randn(16, requires_grad=True)
+    for _ in range(3):  # (a freed copy would be overwritten by the next allocations)
+        dy = torch.randn(12, 8, 16).transpose(0, 1)
+        results = []
+        for kernels in ("fast", "reference"):
+            y = T.normalize(x, (2,), weight, bias, kernels=kernels)
+            results.append(torch.autograd.grad(y, (x, weight, bias), dy))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("center", [True, False])
 def test_c_kernels_general_layouts_match_the_reference(implementation, center):
     """normalize() over two trailing dims with a scale that is constant along the last (per

@@ -166,9 +166,10 @@ def _native_backward(lib, dy, saved, weight, bias_shape, dims, center, needs):
     elif ell > 1:  # per (row, s), summed over the rows by _to_param_shape
         dw_rows = input.new_empty(r, s) if need_dw else None
         db_rows = input.new_empty(r, s) if need_db else None
+    g = dy.contiguous()  # (held here: the kernel reads its memory)
     kernel = lib.norm_backward_f32 if input.dtype == torch.float32 else lib.norm_backward_f64
     kernel(
-        *map(_pointer, (dy.contiguous(), input, mean, rstd, w, dx, acc, dw_rows, db_rows)),
+        *map(_pointer, (g, input, mean, rstd, w, dx, acc, dw_rows, db_rows)),
         *(r, s, ell, 0 if per_column else s),
         int(center),
         threads,
