@@ -87,3 +87,14 @@ def fast_kernels_on_small_inputs(monkeypatch):
     from bncourse.fast import torch_bn as fast
 
     monkeypatch.setattr(fast, "SMALL_INPUT", 0)
+
+
+@pytest.fixture
+def without_c_kernels():
+    """Run a test with the fast kernels' PyTorch operations instead of the C kernels of
+    ``bncourse.fast.native``, which take contiguous NCHW batch-norm input on a CPU (and the
+    normalisation family's rows): the tests of the operations' routes ask for it."""
+    from bncourse.fast import native
+
+    with native.native_kernels(False):
+        yield

@@ -11,7 +11,7 @@ from test_fast_torch_bn import _inputs as shared_inputs
 from bncourse import torch_bn
 from bncourse.fast import torch_bn as fast
 
-pytestmark = pytest.mark.usefixtures("fast_kernels_on_small_inputs")
+pytestmark = pytest.mark.usefixtures("fast_kernels_on_small_inputs", "without_c_kernels")
 
 SHAPES = [(7, 3), (9, 2, 5), (5, 3, 2, 3), (11, 1, 2, 2), (7, 2, 2, 3, 2)]
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=2e-5)}

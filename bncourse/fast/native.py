@@ -1,11 +1,12 @@
-"""The C kernels of :mod:`bncourse.fast.torch_norm` on the CPU: built on first use, or absent.
+"""The C kernels of :mod:`bncourse.fast.torch_norm` and :mod:`bncourse.fast.torch_bn` on the CPU:
+built on first use, or absent.
 
 A normalisation layer is a few operations per value, and PyTorch runs each operation as its own
 pass over memory, while ``torch.nn``'s layers are one fused C++ loop per row: even the fewest
 PyTorch operations a LayerNorm or GroupNorm can be written with take 2 to 3 times ``torch.nn``'s
 time (``benchmarks/bench_norms_floor.py``). ``norm_rows.c``, next to this file, is that fused
-loop: per row, the statistics, then the output while the row is still in the cache, and the
-same for the backward pass.
+loop: per row (per channel, for batch norm), the statistics, then the output while the values
+are still in the cache, and the same for the backward pass.
 
 :func:`library` compiles it the first time it is needed, with the C compiler of the machine
 (``cc``, or ``$CC``; about a second) into a cache folder (``$BNCOURSE_CACHE`` or
@@ -96,6 +97,12 @@ def _build() -> ctypes.CDLL:
         backward = getattr(lib, f"norm_backward_{suffix}")
         backward.argtypes = [pointer] * 9 + [size] * 4 + [flag, flag]
         backward.restype = None
+        bn_forward = getattr(lib, f"bn_forward_{suffix}")
+        bn_forward.argtypes = [pointer] * 6 + [size] * 3 + [ctypes.c_double, flag]
+        bn_forward.restype = None
+        bn_backward = getattr(lib, f"bn_backward_{suffix}")
+        bn_backward.argtypes = [pointer] * 8 + [size] * 3 + [flag]
+        bn_backward.restype = None
     return lib
 
 
@@ -129,8 +136,9 @@ def unavailable_reason() -> str | None:
 
 
 def use_native(enabled: bool) -> bool:
-    """Turn the C kernels on or off for the fast kernels of :mod:`bncourse.torch_norm`; returns
-    the previous setting (``previous = use_native(False); ...; use_native(previous)``)."""
+    """Turn the C kernels on or off for the fast kernels of :mod:`bncourse.torch_norm` and
+    :mod:`bncourse.torch_bn`; returns the previous setting (``previous = use_native(False);
+    ...; use_native(previous)``)."""
     if not isinstance(enabled, bool):
         raise TypeError(f"use_native: enabled must be a bool, got {enabled!r}")
     previous = bool(_state["enabled"])

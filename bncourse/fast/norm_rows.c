@@ -1,4 +1,5 @@
-/* Normalisation over rows, forward and backward: the CPU kernels of bncourse.fast.torch_norm.
+/* Normalisation over rows, forward and backward: the CPU kernels of bncourse.fast.torch_norm;
+ * and batch norm over the channels of NCHW input, for bncourse.fast.torch_bn (at the end).
  *
  * The input is seen as rows (R, S, L), contiguous: one mean and one 1 / sqrt(var + eps) per
  * row r, over its n = S * L values; the scale w and shift b are constant along L and indexed
@@ -227,6 +228,90 @@ void NAME(norm_backward)(const scalar_t *g, const scalar_t *x, const double *mea
         if (blk) {
             NAME(flush)(blk, acc_dw, 2 * S);
             free(blk);
+        }
+    }
+}
+
+/* Batch norm of x (N, C, L) contiguous (NCHW, L the positions): channel c is the N blocks of
+ * L values at x + (n * C + c) * L, shared among the threads by channel. Per channel, one pass
+ * for the sums of t = x - pivot and t * t (pivot: its first value; per block in the vector
+ * lanes, across blocks in double), then one for the output, while the channel's values are
+ * still in the cache. mean_out and var_out (biased) in double. */
+void NAME(bn_forward)(const scalar_t *x, const scalar_t *gamma, const scalar_t *beta, scalar_t *y,
+                      double *mean_out, double *var_out, int64_t N, int64_t C, int64_t L,
+                      double eps, int threads)
+{
+    const double count = (double)N * (double)L;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+        const scalar_t pivot = x[c * L];
+        double s = 0.0, ss = 0.0;
+        for (int64_t n = 0; n < N; n++) {
+            const scalar_t *xb = x + (n * C + c) * L;
+            scalar_t bs = 0, bss = 0;
+#pragma omp simd reduction(+ : bs, bss)
+            for (int64_t l = 0; l < L; l++) {
+                const scalar_t t = xb[l] - pivot;
+                bs += t;
+                bss += t * t;
+            }
+            s += bs;
+            ss += bss;
+        }
+        const double shift = s / count, v = ss / count - shift * shift;
+        const double m = (double)pivot + shift, var = v > 0.0 ? v : 0.0;
+        mean_out[c] = m;
+        var_out[c] = var;
+        const double a = (gamma ? gamma[c] : 1.0) / sqrt(var + eps);
+        const scalar_t mf = (scalar_t)m, af = (scalar_t)a;
+        const scalar_t cf = (scalar_t)((beta ? beta[c] : 0.0) - (m - (double)mf) * a);
+        for (int64_t n = 0; n < N; n++) {
+            const scalar_t *xb = x + (n * C + c) * L;
+            scalar_t *yb = y + (n * C + c) * L;
+            for (int64_t l = 0; l < L; l++)
+                yb[l] = (xb[l] - mf) * af + cf;
+        }
+    }
+}
+
+/* The gradients of bn_forward from x and the batch mean (double) and rstd of each channel:
+ * dgamma = sum(g * x_hat), dbeta = sum(g), dx = a * (g - mean(g) - x_hat * mean(g * x_hat))
+ * with a = gamma * rstd; per channel, the sums, then dx (may be NULL). */
+void NAME(bn_backward)(const scalar_t *g, const scalar_t *x, const double *mean,
+                       const double *rstd, const scalar_t *gamma, scalar_t *dx,
+                       scalar_t *dgamma, scalar_t *dbeta, int64_t N, int64_t C, int64_t L,
+                       int threads)
+{
+    const double count = (double)N * (double)L;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+        const double m = mean[c], rs = rstd[c];
+        const scalar_t mf = (scalar_t)m, mlo = (scalar_t)(m - mf);
+        double sg = 0.0, sgx = 0.0; /* sum(g), sum(g * (x - mean)) */
+        for (int64_t n = 0; n < N; n++) {
+            const scalar_t *xb = x + (n * C + c) * L, *gb = g + (n * C + c) * L;
+            scalar_t bg = 0, bgx = 0;
+#pragma omp simd reduction(+ : bg, bgx)
+            for (int64_t l = 0; l < L; l++) {
+                bg += gb[l];
+                bgx += gb[l] * ((xb[l] - mf) - mlo);
+            }
+            sg += bg;
+            sgx += bgx;
+        }
+        dbeta[c] = (scalar_t)sg;
+        dgamma[c] = (scalar_t)(sgx * rs);
+        if (!dx)
+            continue;
+        /* dx = a g + p (x - mean) + q = a g + p (x - mf) + (q - p mlo) */
+        const double a = (gamma ? gamma[c] : 1.0) * rs;
+        const double p = -a * rs * rs * sgx / count, q = -a * sg / count;
+        const scalar_t af = (scalar_t)a, pf = (scalar_t)p, qf = (scalar_t)(q - p * mlo);
+        for (int64_t n = 0; n < N; n++) {
+            const scalar_t *xb = x + (n * C + c) * L, *gb = g + (n * C + c) * L;
+            scalar_t *db = dx + (n * C + c) * L;
+            for (int64_t l = 0; l < L; l++)
+                db[l] = af * gb[l] + pf * (xb[l] - mf) + qf;
         }
     }
 }

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from bncourse import torch_bn as reference
+from bncourse.fast import native
 
 __all__ = [
     "batch_norm_forward",
@@ -160,6 +161,67 @@ def _scale_and_offset(
     return scale, torch.addcmul(reference._per_channel(beta, x), centre, scale, value=-1.0)
 
 
+def _c_layout(x: Tensor) -> tuple[int, int, int] | None:
+    """``(N, C, L)`` when the C kernels take ``x``: on a CPU, float32 or float64, contiguous
+    NCHW with at least 16 positions per channel and sample; else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 3:
+        return None
+    n, channels = x.shape[0], x.shape[1]
+    positions = x.numel() // max(1, n * channels)
+    if positions < 16 or not x.is_contiguous():
+        return None
+    return n, channels, positions
+
+
+def _c_threads(channels: int) -> int:
+    return max(1, min(torch.get_num_threads(), channels))
+
+
+def _c_pointers(*tensors: Tensor | None) -> list[int | None]:
+    return [None if t is None else t.data_ptr() for t in tensors]
+
+
+def _c_forward(lib: Any, x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float):
+    """The C kernel's forward: ``(y, mu, var, mean)``, ``mean`` (C,) in float64."""
+    n, channels, positions = _c_layout(x)
+    y = torch.empty_like(x)
+    mean = torch.empty(channels, dtype=torch.float64)
+    var = torch.empty(channels, dtype=torch.float64)
+    gamma, beta = (None if p is None else p.contiguous() for p in (gamma, beta))
+    kernel = lib.bn_forward_f32 if x.dtype == torch.float32 else lib.bn_forward_f64
+    kernel(
+        *_c_pointers(x, gamma, beta, y, mean, var),
+        n,
+        channels,
+        positions,
+        eps,
+        _c_threads(channels),
+    )
+    return y, mean.to(x.dtype), var.to(x.dtype), mean
+
+
+def _c_backward(
+    lib: Any, g: Tensor, x: Tensor, mean: Tensor, gamma: Tensor | None, var: Tensor, eps: float
+):
+    """The C kernel's backward from the input and the batch mean: ``(dx, dgamma, dbeta)``."""
+    n, channels, positions = _c_layout(x)
+    g = g.contiguous()  # (held here: the kernel reads its memory)
+    mean = mean.to(torch.float64).contiguous()
+    rstd = (var.to(torch.float64) + eps).rsqrt_()
+    gamma = None if gamma is None else gamma.contiguous()
+    dx = torch.empty_like(x)
+    dgamma, dbeta = x.new_empty(channels), x.new_empty(channels)
+    kernel = lib.bn_backward_f32 if x.dtype == torch.float32 else lib.bn_backward_f64
+    kernel(
+        *_c_pointers(g, x, mean, rstd, gamma, dx, dgamma, dbeta),
+        n,
+        channels,
+        positions,
+        _c_threads(channels),
+    )
+    return dx, dgamma, dbeta
+
+
 def batch_norm_forward(
     x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, keep_centred: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -175,6 +237,8 @@ def batch_norm_forward(
     ``mu`` in the input's dtype).
     """
     dims = reference._reduction_dims(x)
+    if not keep_centred and _c_layout(x) is not None and (lib := native.library()) is not None:
+        return _c_forward(lib, x, gamma, beta, eps)
     if not keep_centred and x.device.type == "cpu":
         mu, var = _mean_and_variance(x, dims)
         if _one_pass(mu, var):  # y = x * scale + (beta - mu * scale): one pass, one new tensor
@@ -232,6 +296,8 @@ def batch_norm_backward_from_input(
     """
     dims = reference._reduction_dims(g)
     channels = x.shape[1]
+    if centring.numel() == channels and _c_layout(x) is not None and native.built() is not None:
+        return _c_backward(native.built(), g, x, centring, gamma, var, eps)  # (mean, any dtype)
     # dx = p * (source - centre) + q + scale * g, where source - centre = x - mu
     if centring.numel() == channels:  # one pass: from x, centre mu
         source, centre, out = x, reference._per_channel(centring, x), None
