@@ -18,6 +18,11 @@ the ratios of the medians to native, and the achieved memory bandwidth of each l
 ``B`` the bytes of one input-sized array) divided by the median CPU time, as a fraction of the
 copy bandwidth measured in the same process (``np.copyto`` of 256 MiB, one read and one write).
 
+The ``fast`` layer runs its C kernels (:mod:`bncourse.fast.native`) on C-contiguous input of
+at least 16 positions where a C compiler built them; ``--no-native`` times its NumPy operations
+instead. The script re-runs itself with glibc's allocator pinned (:mod:`pinned_allocator`);
+``--unpinned-allocator`` times the default behaviour.
+
 Examples
 --------
 ``python benchmarks/bench_numpy_bn.py``                 the four shapes of the note, 1 thread
@@ -43,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=30, help="timed repetitions (>= 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-native", action="store_true", help="fast: NumPy operations only")
+    parser.add_argument("--unpinned-allocator", action="store_true", help="glibc's default")
     return parser.parse_args(argv)
 
 
@@ -56,6 +63,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pinned_allocator import pin_allocator  # noqa: E402  (this script's folder)
+
+from bncourse.fast import native as c_kernels  # noqa: E402
 from bncourse.numpy_bn import BatchNorm  # noqa: E402
 
 NATIVE = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}
@@ -124,6 +134,7 @@ def main() -> None:
     if args.repeats < 10:
         raise SystemExit("--repeats must be at least 10")
     torch.set_num_threads(args.threads)
+    c_kernels.use_native(not args.no_native)
     rng = np.random.default_rng(args.seed)
     bandwidth = copy_bandwidth()
     load = os.getloadavg()
@@ -155,4 +166,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    pin_allocator(sys.argv)
     main()

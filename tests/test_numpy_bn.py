@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bncourse import numpy_bn
+from bncourse.fast import native
 from bncourse.fast import numpy_bn as fast_numpy_bn
 from bncourse.numpy_bn import (
     BatchNorm,
@@ -52,6 +53,14 @@ BOTH = pytest.mark.parametrize("bn", KERNEL_SETS, ids=["reference", "fast"])
 def fast_kernels_on_every_size(monkeypatch):
     """The fast kernels hand small inputs to the reference; here they run on every size."""
     monkeypatch.setattr(fast_numpy_bn, "_SMALL_INPUT", 0)
+
+
+@pytest.fixture(autouse=True, params=["C", "operations"])
+def fast_implementation(request):
+    """Every test twice: the fast kernels with their C kernels (which take C-contiguous input
+    of at least 16 positions, where a compiler built them) and with NumPy operations only."""
+    with native.native_kernels(request.param == "C"):
+        yield request.param
 
 
 def test_fast_kernels_hand_small_inputs_to_the_reference(monkeypatch):
@@ -777,3 +786,24 @@ def test_property_running_statistics_match_torch(bn, shape, seed, momentum, step
         layer(x)
         module(torch.tensor(x))
     _assert_state_matches(layer, module, TOLERANCE[np.float64])
+
+
+def test_c_kernels_run_where_they_apply(fast_implementation, monkeypatch):
+    """The fast forward and backward go through the C kernels for C-contiguous float input of
+    at least 16 positions (when built and on), through NumPy operations otherwise; the same
+    results either way."""
+    calls = []
+    for name in ("_c_forward", "_c_backward"):
+        original = getattr(fast_numpy_bn, name)
+        monkeypatch.setattr(
+            fast_numpy_bn, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
+        )
+    rng = np.random.default_rng(0)
+    for shape, by_c in [((4, 3, 4, 4), True), ((4, 3, 3, 5), False), ((40, 3), False)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        y, cache = fast_numpy_bn.batch_norm_forward(x, None, None)
+        fast_numpy_bn.batch_norm_backward(x, cache)
+        ran = by_c and fast_implementation == "C" and native.library() is not None
+        assert calls == (["_c_forward", "_c_backward"] if ran else [])
+        calls.clear()
+        np.testing.assert_allclose(y, numpy_bn.batch_norm_forward(x, None, None)[0], atol=2e-6)

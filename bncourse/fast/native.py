@@ -1,5 +1,5 @@
-"""The C kernels of :mod:`bncourse.fast.torch_norm` and :mod:`bncourse.fast.torch_bn` on the CPU:
-built on first use, or absent.
+"""The C kernels of :mod:`bncourse.fast.torch_norm`, :mod:`bncourse.fast.torch_bn` and
+:mod:`bncourse.fast.numpy_bn` on the CPU: built on first use, or absent.
 
 A normalisation layer is a few operations per value, and PyTorch runs each operation as its own
 pass over memory, while ``torch.nn``'s layers are one fused C++ loop per row: even the fewest
@@ -29,7 +29,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["library", "built", "use_native", "native_kernels", "unavailable_reason"]
+__all__ = [
+    "library",
+    "built",
+    "threads",
+    "use_native",
+    "native_kernels",
+    "unavailable_reason",
+]
 
 SOURCE = Path(__file__).with_name("norm_rows.c")
 FLAGS = [
@@ -103,6 +110,12 @@ def _build() -> ctypes.CDLL:
         bn_backward = getattr(lib, f"bn_backward_{suffix}")
         bn_backward.argtypes = [pointer] * 8 + [size] * 3 + [flag]
         bn_backward.restype = None
+        forward_xhat = getattr(lib, f"bn_forward_xhat_{suffix}")
+        forward_xhat.argtypes = [pointer] * 7 + [size] * 3 + [ctypes.c_double, flag]
+        forward_xhat.restype = None
+        backward_xhat = getattr(lib, f"bn_backward_xhat_{suffix}")
+        backward_xhat.argtypes = [pointer] * 7 + [size] * 3 + [flag]
+        backward_xhat.restype = None
     return lib
 
 
@@ -133,6 +146,14 @@ def unavailable_reason() -> str | None:
         return "not built on Windows"
     library()
     return _state.get("reason")  # type: ignore[return-value]
+
+
+def threads() -> int:
+    """The number of threads the C kernels use: PyTorch's (``torch.set_num_threads``), for the
+    NumPy layers too."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def use_native(enabled: bool) -> bool:

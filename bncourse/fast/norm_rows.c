@@ -1,5 +1,6 @@
 /* Normalisation over rows, forward and backward: the CPU kernels of bncourse.fast.torch_norm;
- * and batch norm over the channels of NCHW input, for bncourse.fast.torch_bn (at the end).
+ * and batch norm over the channels of NCHW input, for bncourse.fast.torch_bn and, with x_hat
+ * kept, bncourse.fast.numpy_bn (at the end).
  *
  * The input is seen as rows (R, S, L), contiguous: one mean and one 1 / sqrt(var + eps) per
  * row r, over its n = S * L values; the scale w and shift b are constant along L and indexed
@@ -312,6 +313,85 @@ void NAME(bn_backward)(const scalar_t *g, const scalar_t *x, const double *mean,
             scalar_t *db = dx + (n * C + c) * L;
             for (int64_t l = 0; l < L; l++)
                 db[l] = af * gb[l] + pf * (xb[l] - mf) + qf;
+        }
+    }
+}
+
+/* For bncourse.fast.numpy_bn, whose cache keeps x_hat: bn_forward that also writes x_hat, with
+ * gamma and beta in double (either may be NULL). */
+void NAME(bn_forward_xhat)(const scalar_t *x, const double *gamma, const double *beta,
+                           scalar_t *y, scalar_t *x_hat, double *mean_out, double *var_out,
+                           int64_t N, int64_t C, int64_t L, double eps, int threads)
+{
+    const double count = (double)N * (double)L;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+        const scalar_t pivot = x[c * L];
+        double s = 0.0, ss = 0.0;
+        for (int64_t n = 0; n < N; n++) {
+            const scalar_t *xb = x + (n * C + c) * L;
+            scalar_t bs = 0, bss = 0;
+#pragma omp simd reduction(+ : bs, bss)
+            for (int64_t l = 0; l < L; l++) {
+                const scalar_t t = xb[l] - pivot;
+                bs += t;
+                bss += t * t;
+            }
+            s += bs;
+            ss += bss;
+        }
+        const double shift = s / count, v = ss / count - shift * shift;
+        const double m = (double)pivot + shift, var = v > 0.0 ? v : 0.0;
+        mean_out[c] = m;
+        var_out[c] = var;
+        const scalar_t mf = (scalar_t)m, mlo = (scalar_t)(m - mf);
+        const scalar_t rf = (scalar_t)(1.0 / sqrt(var + eps));
+        const scalar_t gf = (scalar_t)(gamma ? gamma[c] : 1.0);
+        const scalar_t bf = (scalar_t)(beta ? beta[c] : 0.0);
+        for (int64_t n = 0; n < N; n++) {
+            const scalar_t *xb = x + (n * C + c) * L;
+            scalar_t *yb = y + (n * C + c) * L, *hb = x_hat + (n * C + c) * L;
+            for (int64_t l = 0; l < L; l++) {
+                const scalar_t h = ((xb[l] - mf) - mlo) * rf;
+                hb[l] = h;
+                yb[l] = h * gf + bf;
+            }
+        }
+    }
+}
+
+/* The gradients from x_hat, for bncourse.fast.numpy_bn: dgamma = sum(g * x_hat) and
+ * dbeta = sum(g) in double, dx = a * (g - mean(g) - x_hat * mean(g * x_hat)) with
+ * a = gamma * inv_std (both double, per channel). */
+void NAME(bn_backward_xhat)(const scalar_t *g, const scalar_t *x_hat, const double *gamma,
+                            const double *inv_std, scalar_t *dx, double *dgamma, double *dbeta,
+                            int64_t N, int64_t C, int64_t L, int threads)
+{
+    const double count = (double)N * (double)L;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+        double sg = 0.0, sgh = 0.0;
+        for (int64_t n = 0; n < N; n++) {
+            const scalar_t *gb = g + (n * C + c) * L, *hb = x_hat + (n * C + c) * L;
+            scalar_t bg = 0, bgh = 0;
+#pragma omp simd reduction(+ : bg, bgh)
+            for (int64_t l = 0; l < L; l++) {
+                bg += gb[l];
+                bgh += gb[l] * hb[l];
+            }
+            sg += bg;
+            sgh += bgh;
+        }
+        dgamma[c] = sgh;
+        dbeta[c] = sg;
+        const double a = gamma[c] * inv_std[c];
+        const scalar_t af = (scalar_t)a, pf = (scalar_t)(-a * sgh / count);
+        const scalar_t qf = (scalar_t)(-a * sg / count);
+        for (int64_t n = 0; n < N; n++) {
+            const scalar_t *gb = g + (n * C + c) * L, *hb = x_hat + (n * C + c) * L;
+            scalar_t *db = dx + (n * C + c) * L;
+            for (int64_t l = 0; l < L; l++)
+                db[l] = af * gb[l] + pf * hb[l] + qf;
         }
     }
 }

@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from bncourse import numpy_bn as reference
+from bncourse.fast import native
 from bncourse.numpy_bn import (
     BatchNormCache,
     _check_enough_values,
@@ -251,6 +252,58 @@ def batch_norm_forward(
     return _forward(x, gamma, beta, eps)
 
 
+def _c_layout(a: np.ndarray) -> tuple[int, int, int] | None:
+    """``(N, C, L)`` when the C kernels take ``a``: float32 or float64, C-contiguous, with at
+    least 16 positions per channel and sample; else None."""
+    if a.dtype not in (np.float32, np.float64) or a.ndim < 3 or not a.flags.c_contiguous:
+        return None
+    positions = a.size // max(1, a.shape[0] * a.shape[1])
+    return (a.shape[0], a.shape[1], positions) if positions >= 16 else None
+
+
+def _pointer(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def _c_forward(lib, x, gamma64, beta64, eps, workspace):
+    """The C kernel's forward: ``(y, cache)``, ``x_hat`` written into ``workspace`` when it fits
+    (per channel: the sums of ``x - pivot``, then ``x_hat`` and ``y`` while it is in the cache)."""
+    n, channels, positions = _c_layout(x)
+    fits = (
+        workspace is not None
+        and workspace.shape == (n, channels, positions)
+        and workspace.dtype == x.dtype
+        and workspace.flags.c_contiguous
+    )
+    x_hat = workspace if fits else np.empty((n, channels, positions), x.dtype)
+    y = np.empty_like(x)
+    mean, var = np.empty(channels), np.empty(channels)
+    gamma64, beta64 = (None if v is None else np.ascontiguousarray(v) for v in (gamma64, beta64))
+    kernel = lib.bn_forward_xhat_f32 if x.dtype == np.float32 else lib.bn_forward_xhat_f64
+    arrays = (x, gamma64, beta64, y, x_hat, mean, var)
+    kernel(*map(_pointer, arrays), n, channels, positions, eps, native.threads())
+    gamma = gamma64 if gamma64 is not None else np.ones(channels)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    cache = BatchNormCache(
+        x=x, x_hat=x_hat.reshape(x.shape), mean=mean, var=var, inv_std=inv_std, gamma=gamma, eps=eps
+    )
+    return y, cache
+
+
+def _c_backward(lib, dy, cache):
+    """The C kernel's backward from ``cache.x_hat``: ``(dx, dgamma, dbeta)``."""
+    n, channels, positions = _c_layout(cache.x_hat)
+    g = np.ascontiguousarray(dy, dtype=cache.x_hat.dtype)  # (held: the kernel reads it)
+    dx = np.empty_like(g)
+    dgamma, dbeta = np.empty(channels), np.empty(channels)
+    gamma = np.ascontiguousarray(cache.gamma, dtype=np.float64)
+    inv_std = np.ascontiguousarray(cache.inv_std, dtype=np.float64)
+    kernel = lib.bn_backward_xhat_f32 if g.dtype == np.float32 else lib.bn_backward_xhat_f64
+    arrays = (g, cache.x_hat, gamma, inv_std, dx, dgamma, dbeta)
+    kernel(*map(_pointer, arrays), n, channels, positions, native.threads())
+    return dx.astype(cache.x.dtype, copy=False), dgamma, dbeta
+
+
 def _forward(
     x: np.ndarray,
     gamma: np.ndarray | None,
@@ -270,6 +323,8 @@ def _forward(
     _check_enough_values(x)
     if _small(x):
         return reference.batch_norm_forward(x, gamma, beta, eps)
+    if _c_layout(x) is not None and (lib := native.library()) is not None:
+        return _c_forward(lib, x, gamma64, beta64, eps, workspace)
 
     shape3 = (x.shape[0], channels, x.size // (x.shape[0] * channels))
     fits = (
@@ -331,6 +386,8 @@ def batch_norm_backward(
     dy = _check_upstream(dy, cache)
     if _small(dy):
         return reference.batch_norm_backward(dy, cache)
+    if _c_layout(cache.x_hat) is not None and (lib := native.library()) is not None:
+        return _c_backward(lib, dy, cache)
     dtype = _working_dtype(cache.x.dtype)
     g = _as_rows(dy, dtype)
     x_hat = _as_rows(cache.x_hat, dtype)
