@@ -23,6 +23,12 @@ each buys, are the subject of the book's page "Making batch norm fast":
   slabs costs more than it saves, and the reference functions run instead.
 * **Closed form as two constants.** The backward pass computes
   ``dx = scale * (g - mean(g) - x_hat * mean(g * x_hat))`` with one fused pass per slab.
+* **One loop in C.** For C-contiguous float32 or float64 input of at least 16 positions, the
+  forward and backward run one loop per channel in C instead (``bn_forward_xhat`` and
+  ``bn_backward_xhat`` of ``norm_rows.c``, built on first use by :mod:`bncourse.fast.native`;
+  threads: ``torch.get_num_threads()``): the channel's sums, then ``x_hat`` and ``y`` (or
+  ``dx``) while its values are in the cache. Without a C compiler, or after
+  ``native.use_native(False)``, the operations above run.
 
 Numerics. Output and ``dx`` keep the input's dtype. Statistics are accumulated in float64 (sums
 of squares of centred values over rows of up to 4096 values in the working dtype, the rows then

@@ -37,6 +37,14 @@ PyTorch's native kernel makes one new tensor each way (``y``, then ``dx``); so d
   pivot route above runs otherwise (a check of C values, and a host sync, which is why the
   route is CPU only).
 
+* **One loop in C.** On a CPU, for contiguous NCHW input of at least 16 positions, the modules'
+  forward and backward go one step further than any arrangement of PyTorch operations can: one
+  loop per channel in C (``bn_forward`` and ``bn_backward`` of ``norm_rows.c``, built on first
+  use by :mod:`bncourse.fast.native`), which takes a channel's sums and then writes its output
+  (or ``dx``) while the channel's values are in the cache, the pivot route's formulas; its mean
+  is kept in float64 (C values) for the backward. Without a C compiler, or after
+  ``native.use_native(False)``, the routes above run.
+
 The modules use :func:`batch_norm_forward` with ``keep_centred=False`` and
 :func:`batch_norm_backward_from_input`; with ``keep_centred=True`` (the default, the
 reference kernels' contract) the forward also returns ``x - mu`` for
