@@ -29,9 +29,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 __all__ = [
     "library",
     "built",
+    "call",
     "threads",
     "use_native",
     "native_kernels",
@@ -49,6 +52,17 @@ FLAGS = [
 
 if platform.machine().lower() in ("x86_64", "amd64"):
     FLAGS.append("-mprefer-vector-width=512")  # (where the CPU has AVX-512; GCC's default is 256)
+
+# the kernels of norm_rows.c (each as name_f32 and name_f64): how many pointers, then how many
+# int64 sizes, then the other arguments (int flags and thread counts, double eps)
+_SIGNATURES = {
+    "norm_forward": (6, 4, [ctypes.c_int, ctypes.c_double, ctypes.c_int]),
+    "norm_backward": (9, 4, [ctypes.c_int, ctypes.c_int]),
+    "bn_forward": (6, 3, [ctypes.c_double, ctypes.c_int]),
+    "bn_backward": (8, 3, [ctypes.c_int]),
+    "bn_forward_xhat": (7, 3, [ctypes.c_double, ctypes.c_int]),
+    "bn_backward_xhat": (7, 3, [ctypes.c_int]),
+}
 
 _state: dict[str, object] = {"enabled": os.environ.get("BNCOURSE_NATIVE", "1") != "0"}
 
@@ -96,26 +110,11 @@ def _build() -> ctypes.CDLL:
             if os.path.exists(partial):
                 os.remove(partial)
     lib = ctypes.CDLL(str(target))
-    pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for suffix in ("f32", "f64"):
-        forward = getattr(lib, f"norm_forward_{suffix}")
-        forward.argtypes = [pointer] * 6 + [size] * 4 + [flag, ctypes.c_double, flag]
-        forward.restype = None
-        backward = getattr(lib, f"norm_backward_{suffix}")
-        backward.argtypes = [pointer] * 9 + [size] * 4 + [flag, flag]
-        backward.restype = None
-        bn_forward = getattr(lib, f"bn_forward_{suffix}")
-        bn_forward.argtypes = [pointer] * 6 + [size] * 3 + [ctypes.c_double, flag]
-        bn_forward.restype = None
-        bn_backward = getattr(lib, f"bn_backward_{suffix}")
-        bn_backward.argtypes = [pointer] * 8 + [size] * 3 + [flag]
-        bn_backward.restype = None
-        forward_xhat = getattr(lib, f"bn_forward_xhat_{suffix}")
-        forward_xhat.argtypes = [pointer] * 7 + [size] * 3 + [ctypes.c_double, flag]
-        forward_xhat.restype = None
-        backward_xhat = getattr(lib, f"bn_backward_xhat_{suffix}")
-        backward_xhat.argtypes = [pointer] * 7 + [size] * 3 + [flag]
-        backward_xhat.restype = None
+    for name, (pointers, sizes, rest) in _SIGNATURES.items():
+        for suffix in ("f32", "f64"):
+            function = getattr(lib, f"{name}_{suffix}")
+            function.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * sizes + rest
+            function.restype = None
     return lib
 
 
@@ -133,6 +132,22 @@ def library() -> ctypes.CDLL | None:
     return _state["library"]  # type: ignore[return-value]
 
 
+def call(lib: ctypes.CDLL, name: str, *args: object) -> None:
+    """Run the kernel ``name`` of ``lib`` on ``args``: tensors and arrays pass their data (the
+    first one's element size picks the float32 or float64 kernel; ``args`` keeps them alive for
+    the call), None a null pointer, numbers themselves."""
+    values, element_size = [], None
+    for arg in args:
+        if isinstance(arg, np.ndarray):
+            element_size = element_size or arg.itemsize
+            arg = arg.ctypes.data
+        elif hasattr(arg, "data_ptr"):  # a torch.Tensor
+            element_size = element_size or arg.element_size()
+            arg = arg.data_ptr()
+        values.append(arg)
+    getattr(lib, f"{name}_{'f32' if element_size == 4 else 'f64'}")(*values)
+
+
 def built() -> ctypes.CDLL | None:
     """The library if it has been built and loaded (whether turned on or not), else None."""
     return _state.get("library")  # type: ignore[return-value]
@@ -148,12 +163,12 @@ def unavailable_reason() -> str | None:
     return _state.get("reason")  # type: ignore[return-value]
 
 
-def threads() -> int:
-    """The number of threads the C kernels use: PyTorch's (``torch.set_num_threads``), for the
-    NumPy layers too."""
+def threads(work_items: int) -> int:
+    """The number of threads for ``work_items`` rows or channels: PyTorch's thread count
+    (``torch.set_num_threads``; for the NumPy layers too), or fewer when there are fewer."""
     import torch
 
-    return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), work_items))
 
 
 def use_native(enabled: bool) -> bool:

@@ -48,26 +48,41 @@
 
 #else /* the body, once per scalar_t */
 
-/* mean and biased variance of x[0 .. n) (mean 0 and the mean square without centring), in
- * one pass: the sums of t = x - x[0] and of t * t, which run in scalar_t in the vector lanes
- * (each lane sums n / 16 values or fewer) and are combined in double. The pivot x[0] is one of
- * the values, so t is of the order of the spread and mean(t * t) - mean(t)**2 loses few
- * digits; a constant row gives t = 0 and a variance of exactly 0. */
+/* s += sum(t), ss += sum(t * t) for t = x[i] - pivot over x[0 .. n): in scalar_t in the vector
+ * lanes (each lane sums n / 16 values or fewer), added to the double sums */
+static void NAME(pivot_sums)(const scalar_t *x, int64_t n, scalar_t pivot, double *s, double *ss)
+{
+    scalar_t a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t i = 0; i < n; i++) {
+        const scalar_t t = x[i] - pivot;
+        a += t;
+        b += t * t;
+    }
+    *s += a;
+    *ss += b;
+}
+
+/* mean and biased variance from the sums of count values t = x - pivot (without centring: mean
+ * 0 and the mean square, the pivot 0). The pivot is one of the values, so t is of the order of
+ * the spread and mean(t * t) - mean(t)**2 loses few digits; constant values give t = 0 and a
+ * variance of exactly 0. */
+static void NAME(moments)(scalar_t pivot, double s, double ss, double count, int center,
+                          double *mean, double *var)
+{
+    const double shift = center ? s / count : 0.0, v = ss / count - shift * shift;
+    *mean = (double)pivot + shift;
+    *var = v > 0.0 ? v : 0.0;
+}
+
+/* mean and biased variance of the row x[0 .. n), pivot x[0] (see moments) */
 static void NAME(row_moments)(const scalar_t *x, int64_t n, int center, double *mean,
                               double *var)
 {
     const scalar_t pivot = center ? x[0] : 0;
-    scalar_t s = 0, ss = 0;
-#pragma omp simd reduction(+ : s, ss)
-    for (int64_t i = 0; i < n; i++) {
-        const scalar_t t = x[i] - pivot;
-        s += t;
-        ss += t * t;
-    }
-    const double shift = center ? (double)s / (double)n : 0.0;
-    const double v = (double)ss / (double)n - shift * shift;
-    *mean = (double)pivot + shift;
-    *var = v > 0.0 ? v : 0.0;
+    double s = 0.0, ss = 0.0;
+    NAME(pivot_sums)(x, n, pivot, &s, &ss);
+    NAME(moments)(pivot, s, ss, (double)n, center, mean, var);
 }
 
 /* y = (x - mean) * rstd * w + b over rows; mean_out, rstd_out: one per row */
@@ -234,50 +249,82 @@ void NAME(norm_backward)(const scalar_t *g, const scalar_t *x, const double *mea
 }
 
 /* Batch norm of x (N, C, L) contiguous (NCHW, L the positions): channel c is the N blocks of
- * L values at x + (n * C + c) * L, shared among the threads by channel. Per channel, one pass
- * for the sums of t = x - pivot and t * t (pivot: its first value; per block in the vector
- * lanes, across blocks in double), then one for the output, while the channel's values are
- * still in the cache. mean_out and var_out (biased) in double. */
+ * L values at x + (n * C + c) * L, and the threads share the channels. Per channel, one pass
+ * for the sums, then one for the output (or dx), while the channel's values are still in the
+ * cache. */
+
+/* mean and biased variance (double) of channel c, pivot its first value (see moments) */
+static void NAME(channel_moments)(const scalar_t *x, int64_t N, int64_t C, int64_t L, int64_t c,
+                                  double *mean, double *var)
+{
+    const scalar_t pivot = x[c * L];
+    double s = 0.0, ss = 0.0;
+    for (int64_t n = 0; n < N; n++)
+        NAME(pivot_sums)(x + (n * C + c) * L, L, pivot, &s, &ss);
+    NAME(moments)(pivot, s, ss, (double)N * (double)L, 1, mean, var);
+}
+
+/* sum(g) and sum(g * ((h - hf) - hlo)) over channel c (h: x with hf + hlo its mean, or x_hat
+ * with hf = hlo = 0) */
+static void NAME(channel_sums)(const scalar_t *g, const scalar_t *h, scalar_t hf, scalar_t hlo,
+                               int64_t N, int64_t C, int64_t L, int64_t c, double *sum_g,
+                               double *sum_gh)
+{
+    double sg = 0.0, sgh = 0.0;
+    for (int64_t n = 0; n < N; n++) {
+        const scalar_t *gb = g + (n * C + c) * L, *hb = h + (n * C + c) * L;
+        scalar_t bg = 0, bgh = 0;
+#pragma omp simd reduction(+ : bg, bgh)
+        for (int64_t l = 0; l < L; l++) {
+            bg += gb[l];
+            bgh += gb[l] * ((hb[l] - hf) - hlo);
+        }
+        sg += bg;
+        sgh += bgh;
+    }
+    *sum_g = sg;
+    *sum_gh = sgh;
+}
+
+/* dx = a g + p (h - hf) + q over channel c */
+static void NAME(channel_dx)(const scalar_t *g, const scalar_t *h, scalar_t hf, scalar_t a,
+                             scalar_t p, scalar_t q, scalar_t *dx, int64_t N, int64_t C,
+                             int64_t L, int64_t c)
+{
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t at = (n * C + c) * L;
+        for (int64_t l = 0; l < L; l++)
+            dx[at + l] = a * g[at + l] + p * (h[at + l] - hf) + q;
+    }
+}
+
+/* y = gamma * x_hat + beta with the batch statistics; mean_out and var_out (biased) in
+ * double. */
 void NAME(bn_forward)(const scalar_t *x, const scalar_t *gamma, const scalar_t *beta, scalar_t *y,
                       double *mean_out, double *var_out, int64_t N, int64_t C, int64_t L,
                       double eps, int threads)
 {
-    const double count = (double)N * (double)L;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < C; c++) {
-        const scalar_t pivot = x[c * L];
-        double s = 0.0, ss = 0.0;
-        for (int64_t n = 0; n < N; n++) {
-            const scalar_t *xb = x + (n * C + c) * L;
-            scalar_t bs = 0, bss = 0;
-#pragma omp simd reduction(+ : bs, bss)
-            for (int64_t l = 0; l < L; l++) {
-                const scalar_t t = xb[l] - pivot;
-                bs += t;
-                bss += t * t;
-            }
-            s += bs;
-            ss += bss;
-        }
-        const double shift = s / count, v = ss / count - shift * shift;
-        const double m = (double)pivot + shift, var = v > 0.0 ? v : 0.0;
+        double m, var;
+        NAME(channel_moments)(x, N, C, L, c, &m, &var);
         mean_out[c] = m;
         var_out[c] = var;
+        /* y = (x - mean) a + beta = (x - mf) a + (beta - mlo a) */
         const double a = (gamma ? gamma[c] : 1.0) / sqrt(var + eps);
         const scalar_t mf = (scalar_t)m, af = (scalar_t)a;
         const scalar_t cf = (scalar_t)((beta ? beta[c] : 0.0) - (m - (double)mf) * a);
         for (int64_t n = 0; n < N; n++) {
-            const scalar_t *xb = x + (n * C + c) * L;
-            scalar_t *yb = y + (n * C + c) * L;
+            const int64_t at = (n * C + c) * L;
             for (int64_t l = 0; l < L; l++)
-                yb[l] = (xb[l] - mf) * af + cf;
+                y[at + l] = (x[at + l] - mf) * af + cf;
         }
     }
 }
 
 /* The gradients of bn_forward from x and the batch mean (double) and rstd of each channel:
  * dgamma = sum(g * x_hat), dbeta = sum(g), dx = a * (g - mean(g) - x_hat * mean(g * x_hat))
- * with a = gamma * rstd; per channel, the sums, then dx (may be NULL). */
+ * with a = gamma * rstd (dx may be NULL). */
 void NAME(bn_backward)(const scalar_t *g, const scalar_t *x, const double *mean,
                        const double *rstd, const scalar_t *gamma, scalar_t *dx,
                        scalar_t *dgamma, scalar_t *dbeta, int64_t N, int64_t C, int64_t L,
@@ -288,18 +335,8 @@ void NAME(bn_backward)(const scalar_t *g, const scalar_t *x, const double *mean,
     for (int64_t c = 0; c < C; c++) {
         const double m = mean[c], rs = rstd[c];
         const scalar_t mf = (scalar_t)m, mlo = (scalar_t)(m - mf);
-        double sg = 0.0, sgx = 0.0; /* sum(g), sum(g * (x - mean)) */
-        for (int64_t n = 0; n < N; n++) {
-            const scalar_t *xb = x + (n * C + c) * L, *gb = g + (n * C + c) * L;
-            scalar_t bg = 0, bgx = 0;
-#pragma omp simd reduction(+ : bg, bgx)
-            for (int64_t l = 0; l < L; l++) {
-                bg += gb[l];
-                bgx += gb[l] * ((xb[l] - mf) - mlo);
-            }
-            sg += bg;
-            sgx += bgx;
-        }
+        double sg, sgx; /* sum(g), sum(g * (x - mean)) */
+        NAME(channel_sums)(g, x, mf, mlo, N, C, L, c, &sg, &sgx);
         dbeta[c] = (scalar_t)sg;
         dgamma[c] = (scalar_t)(sgx * rs);
         if (!dx)
@@ -307,13 +344,8 @@ void NAME(bn_backward)(const scalar_t *g, const scalar_t *x, const double *mean,
         /* dx = a g + p (x - mean) + q = a g + p (x - mf) + (q - p mlo) */
         const double a = (gamma ? gamma[c] : 1.0) * rs;
         const double p = -a * rs * rs * sgx / count, q = -a * sg / count;
-        const scalar_t af = (scalar_t)a, pf = (scalar_t)p, qf = (scalar_t)(q - p * mlo);
-        for (int64_t n = 0; n < N; n++) {
-            const scalar_t *xb = x + (n * C + c) * L, *gb = g + (n * C + c) * L;
-            scalar_t *db = dx + (n * C + c) * L;
-            for (int64_t l = 0; l < L; l++)
-                db[l] = af * gb[l] + pf * (xb[l] - mf) + qf;
-        }
+        NAME(channel_dx)(g, x, mf, (scalar_t)a, (scalar_t)p, (scalar_t)(q - p * mlo), dx, N, C,
+                         L, c);
     }
 }
 
@@ -323,25 +355,10 @@ void NAME(bn_forward_xhat)(const scalar_t *x, const double *gamma, const double 
                            scalar_t *y, scalar_t *x_hat, double *mean_out, double *var_out,
                            int64_t N, int64_t C, int64_t L, double eps, int threads)
 {
-    const double count = (double)N * (double)L;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < C; c++) {
-        const scalar_t pivot = x[c * L];
-        double s = 0.0, ss = 0.0;
-        for (int64_t n = 0; n < N; n++) {
-            const scalar_t *xb = x + (n * C + c) * L;
-            scalar_t bs = 0, bss = 0;
-#pragma omp simd reduction(+ : bs, bss)
-            for (int64_t l = 0; l < L; l++) {
-                const scalar_t t = xb[l] - pivot;
-                bs += t;
-                bss += t * t;
-            }
-            s += bs;
-            ss += bss;
-        }
-        const double shift = s / count, v = ss / count - shift * shift;
-        const double m = (double)pivot + shift, var = v > 0.0 ? v : 0.0;
+        double m, var;
+        NAME(channel_moments)(x, N, C, L, c, &m, &var);
         mean_out[c] = m;
         var_out[c] = var;
         const scalar_t mf = (scalar_t)m, mlo = (scalar_t)(m - mf);
@@ -349,12 +366,11 @@ void NAME(bn_forward_xhat)(const scalar_t *x, const double *gamma, const double 
         const scalar_t gf = (scalar_t)(gamma ? gamma[c] : 1.0);
         const scalar_t bf = (scalar_t)(beta ? beta[c] : 0.0);
         for (int64_t n = 0; n < N; n++) {
-            const scalar_t *xb = x + (n * C + c) * L;
-            scalar_t *yb = y + (n * C + c) * L, *hb = x_hat + (n * C + c) * L;
+            const int64_t at = (n * C + c) * L;
             for (int64_t l = 0; l < L; l++) {
-                const scalar_t h = ((xb[l] - mf) - mlo) * rf;
-                hb[l] = h;
-                yb[l] = h * gf + bf;
+                const scalar_t h = ((x[at + l] - mf) - mlo) * rf;
+                x_hat[at + l] = h;
+                y[at + l] = h * gf + bf;
             }
         }
     }
@@ -370,29 +386,13 @@ void NAME(bn_backward_xhat)(const scalar_t *g, const scalar_t *x_hat, const doub
     const double count = (double)N * (double)L;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < C; c++) {
-        double sg = 0.0, sgh = 0.0;
-        for (int64_t n = 0; n < N; n++) {
-            const scalar_t *gb = g + (n * C + c) * L, *hb = x_hat + (n * C + c) * L;
-            scalar_t bg = 0, bgh = 0;
-#pragma omp simd reduction(+ : bg, bgh)
-            for (int64_t l = 0; l < L; l++) {
-                bg += gb[l];
-                bgh += gb[l] * hb[l];
-            }
-            sg += bg;
-            sgh += bgh;
-        }
+        double sg, sgh;
+        NAME(channel_sums)(g, x_hat, 0, 0, N, C, L, c, &sg, &sgh);
         dgamma[c] = sgh;
         dbeta[c] = sg;
         const double a = gamma[c] * inv_std[c];
-        const scalar_t af = (scalar_t)a, pf = (scalar_t)(-a * sgh / count);
-        const scalar_t qf = (scalar_t)(-a * sg / count);
-        for (int64_t n = 0; n < N; n++) {
-            const scalar_t *gb = g + (n * C + c) * L, *hb = x_hat + (n * C + c) * L;
-            scalar_t *db = dx + (n * C + c) * L;
-            for (int64_t l = 0; l < L; l++)
-                db[l] = af * gb[l] + pf * hb[l] + qf;
-        }
+        NAME(channel_dx)(g, x_hat, 0, (scalar_t)a, (scalar_t)(-a * sgh / count),
+                         (scalar_t)(-a * sg / count), dx, N, C, L, c);
     }
 }
 

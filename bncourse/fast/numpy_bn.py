@@ -25,10 +25,10 @@ each buys, are the subject of the book's page "Making batch norm fast":
   ``dx = scale * (g - mean(g) - x_hat * mean(g * x_hat))`` with one fused pass per slab.
 * **One loop in C.** For C-contiguous float32 or float64 input of at least 16 positions, the
   forward and backward run one loop per channel in C instead (``bn_forward_xhat`` and
-  ``bn_backward_xhat`` of ``norm_rows.c``, built on first use by :mod:`bncourse.fast.native`;
-  threads: ``torch.get_num_threads()``): the channel's sums, then ``x_hat`` and ``y`` (or
-  ``dx``) while its values are in the cache. Without a C compiler, or after
-  ``native.use_native(False)``, the operations above run.
+  ``bn_backward_xhat`` of ``norm_rows.c``, built on first use by :mod:`bncourse.fast.native`,
+  on PyTorch's thread count, :func:`bncourse.fast.native.threads`): the channel's sums, then
+  ``x_hat`` and ``y`` (or ``dx``) while its values are in the cache. Without a C compiler, or
+  after ``native.use_native(False)``, the operations above run.
 
 Numerics. Output and ``dx`` keep the input's dtype. Statistics are accumulated in float64 (sums
 of squares of centred values over rows of up to 4096 values in the working dtype, the rows then
@@ -267,10 +267,6 @@ def _c_layout(a: np.ndarray) -> tuple[int, int, int] | None:
     return (a.shape[0], a.shape[1], positions) if positions >= 16 else None
 
 
-def _pointer(a: np.ndarray | None) -> int | None:
-    return None if a is None else a.ctypes.data
-
-
 def _c_forward(lib, x, gamma64, beta64, eps, workspace):
     """The C kernel's forward: ``(y, cache)``, ``x_hat`` written into ``workspace`` when it fits
     (per channel: the sums of ``x - pivot``, then ``x_hat`` and ``y`` while it is in the cache)."""
@@ -285,9 +281,10 @@ def _c_forward(lib, x, gamma64, beta64, eps, workspace):
     y = np.empty_like(x)
     mean, var = np.empty(channels), np.empty(channels)
     gamma64, beta64 = (None if v is None else np.ascontiguousarray(v) for v in (gamma64, beta64))
-    kernel = lib.bn_forward_xhat_f32 if x.dtype == np.float32 else lib.bn_forward_xhat_f64
     arrays = (x, gamma64, beta64, y, x_hat, mean, var)
-    kernel(*map(_pointer, arrays), n, channels, positions, eps, native.threads())
+    native.call(
+        lib, "bn_forward_xhat", *arrays, n, channels, positions, eps, native.threads(channels)
+    )
     gamma = gamma64 if gamma64 is not None else np.ones(channels)
     inv_std = 1.0 / np.sqrt(var + eps)
     cache = BatchNormCache(
@@ -299,14 +296,13 @@ def _c_forward(lib, x, gamma64, beta64, eps, workspace):
 def _c_backward(lib, dy, cache):
     """The C kernel's backward from ``cache.x_hat``: ``(dx, dgamma, dbeta)``."""
     n, channels, positions = _c_layout(cache.x_hat)
-    g = np.ascontiguousarray(dy, dtype=cache.x_hat.dtype)  # (held: the kernel reads it)
+    g = np.ascontiguousarray(dy, dtype=cache.x_hat.dtype)
     dx = np.empty_like(g)
     dgamma, dbeta = np.empty(channels), np.empty(channels)
     gamma = np.ascontiguousarray(cache.gamma, dtype=np.float64)
     inv_std = np.ascontiguousarray(cache.inv_std, dtype=np.float64)
-    kernel = lib.bn_backward_xhat_f32 if g.dtype == np.float32 else lib.bn_backward_xhat_f64
     arrays = (g, cache.x_hat, gamma, inv_std, dx, dgamma, dbeta)
-    kernel(*map(_pointer, arrays), n, channels, positions, native.threads())
+    native.call(lib, "bn_backward_xhat", *arrays, n, channels, positions, native.threads(channels))
     return dx.astype(cache.x.dtype, copy=False), dgamma, dbeta
 
 

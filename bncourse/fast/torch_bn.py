@@ -181,14 +181,6 @@ def _c_layout(x: Tensor) -> tuple[int, int, int] | None:
     return n, channels, positions
 
 
-def _c_threads(channels: int) -> int:
-    return max(1, min(torch.get_num_threads(), channels))
-
-
-def _c_pointers(*tensors: Tensor | None) -> list[int | None]:
-    return [None if t is None else t.data_ptr() for t in tensors]
-
-
 def _c_forward(lib: Any, x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float):
     """The C kernel's forward: ``(y, mu, var, mean)``, ``mean`` (C,) in float64."""
     n, channels, positions = _c_layout(x)
@@ -196,14 +188,9 @@ def _c_forward(lib: Any, x: Tensor, gamma: Tensor | None, beta: Tensor | None, e
     mean = torch.empty(channels, dtype=torch.float64)
     var = torch.empty(channels, dtype=torch.float64)
     gamma, beta = (None if p is None else p.contiguous() for p in (gamma, beta))
-    kernel = lib.bn_forward_f32 if x.dtype == torch.float32 else lib.bn_forward_f64
-    kernel(
-        *_c_pointers(x, gamma, beta, y, mean, var),
-        n,
-        channels,
-        positions,
-        eps,
-        _c_threads(channels),
+    threads = native.threads(channels)
+    native.call(
+        lib, "bn_forward", x, gamma, beta, y, mean, var, n, channels, positions, eps, threads
     )
     return y, mean.to(x.dtype), var.to(x.dtype), mean
 
@@ -213,19 +200,26 @@ def _c_backward(
 ):
     """The C kernel's backward from the input and the batch mean: ``(dx, dgamma, dbeta)``."""
     n, channels, positions = _c_layout(x)
-    g = g.contiguous()  # (held here: the kernel reads its memory)
     mean = mean.to(torch.float64).contiguous()
     rstd = (var.to(torch.float64) + eps).rsqrt_()
     gamma = None if gamma is None else gamma.contiguous()
     dx = torch.empty_like(x)
     dgamma, dbeta = x.new_empty(channels), x.new_empty(channels)
-    kernel = lib.bn_backward_f32 if x.dtype == torch.float32 else lib.bn_backward_f64
-    kernel(
-        *_c_pointers(g, x, mean, rstd, gamma, dx, dgamma, dbeta),
+    native.call(
+        lib,
+        "bn_backward",
+        g.contiguous(),
+        x,
+        mean,
+        rstd,
+        gamma,
+        dx,
+        dgamma,
+        dbeta,
         n,
         channels,
         positions,
-        _c_threads(channels),
+        native.threads(channels),
     )
     return dx, dgamma, dbeta
 

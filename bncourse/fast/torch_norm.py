@@ -126,27 +126,29 @@ def _chunk_rows(row_elements: int, element_size: int) -> int:
     return max(1, per_chunk // (row_elements * element_size))
 
 
-def _threads(rows: int) -> int:
-    return max(1, min(torch.get_num_threads(), rows))
-
-
-def _pointer(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _native_forward(lib, input, w, b, r, s, ell, per_column, eps, center):
     """The C kernel's forward: ``(y, (input, mean, rstd))``, mean and rstd in float64 (R,)."""
     y = torch.empty_like(input)
     mean = torch.empty(r, dtype=torch.float64)
     rstd = torch.empty(r, dtype=torch.float64)
     w, b = (None if p is None else p.contiguous() for p in (w, b))
-    kernel = lib.norm_forward_f32 if input.dtype == torch.float32 else lib.norm_forward_f64
-    kernel(
-        *map(_pointer, (input, w, b, y, mean, rstd)),
-        *(r, s, ell, 0 if per_column else s),
+    stride = 0 if per_column else s
+    native.call(
+        lib,
+        "norm_forward",
+        input,
+        w,
+        b,
+        y,
+        mean,
+        rstd,
+        r,
+        s,
+        ell,
+        stride,
         int(center),
-        float(eps),
-        _threads(r),
+        eps,
+        native.threads(r),
     )
     return y, (input, mean, rstd)
 
@@ -159,18 +161,30 @@ def _native_backward(lib, dy, saved, weight, bias_shape, dims, center, needs):
     w = None if w is None else w.contiguous()
     need_dw, need_db = needs[1] and weight is not None, needs[2] and bias_shape is not None
     dx = torch.empty_like(input) if needs[0] else None
-    threads = _threads(r)
+    threads = native.threads(r)
     acc = dw_rows = db_rows = None
     if ell == 1 and (need_dw or need_db):  # per column: summed over the rows, per thread
         acc = torch.zeros(threads, 2, s, dtype=torch.float64)
     elif ell > 1:  # per (row, s), summed over the rows by _to_param_shape
         dw_rows = input.new_empty(r, s) if need_dw else None
         db_rows = input.new_empty(r, s) if need_db else None
-    g = dy.contiguous()  # (held here: the kernel reads its memory)
-    kernel = lib.norm_backward_f32 if input.dtype == torch.float32 else lib.norm_backward_f64
-    kernel(
-        *map(_pointer, (g, input, mean, rstd, w, dx, acc, dw_rows, db_rows)),
-        *(r, s, ell, 0 if per_column else s),
+    stride = 0 if per_column else s
+    native.call(
+        lib,
+        "norm_backward",
+        dy.contiguous(),
+        input,
+        mean,
+        rstd,
+        w,
+        dx,
+        acc,
+        dw_rows,
+        db_rows,
+        r,
+        s,
+        ell,
+        stride,
         int(center),
         threads,
     )
