@@ -57,7 +57,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
 # int64 sizes, then the other arguments (int flags and thread counts, double eps)
 _SIGNATURES = {
     "norm_forward": (6, 4, [ctypes.c_int, ctypes.c_double, ctypes.c_int]),
-    "norm_backward": (9, 4, [ctypes.c_int, ctypes.c_int]),
+    "norm_backward": (10, 4, [ctypes.c_int, ctypes.c_int]),
     "bn_forward": (6, 3, [ctypes.c_double, ctypes.c_int]),
     "bn_backward": (8, 3, [ctypes.c_int]),
     "bn_forward_xhat": (7, 3, [ctypes.c_double, ctypes.c_int]),

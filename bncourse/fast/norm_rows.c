@@ -30,7 +30,6 @@
 #include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #define FLUSH_ROWS 32 /* rows summed in scalar_t before they are added to the double sums */
 
@@ -145,19 +144,21 @@ static void NAME(flush)(scalar_t *blk, double *acc, int64_t count)
  * rstd. dx (may be NULL): dx = rstd * (g w - mean(g w) - x_hat * mean(g w x_hat)), without
  * mean(g w) when not centring. The sums for the scale and shift: with L == 1, per thread and
  * per s into acc (threads x 2 x S doubles: sum of g * x_hat, then of g; zeroed by the caller;
- * may be NULL); with L > 1, per (row, s) into dw_rows and db_rows (R x S, may be NULL). */
+ * may be NULL), through blocks (the same size in scalar_t, zeroed too); with L > 1, per
+ * (row, s) into dw_rows and db_rows (R x S, may be NULL). */
 void NAME(norm_backward)(const scalar_t *g, const scalar_t *x, const double *mean,
                          const double *rstd, const scalar_t *w, scalar_t *dx, double *acc,
-                         scalar_t *dw_rows, scalar_t *db_rows, int64_t R, int64_t S, int64_t L,
-                         int64_t w_stride, int center, int threads)
+                         scalar_t *blocks, scalar_t *dw_rows, scalar_t *db_rows, int64_t R,
+                         int64_t S, int64_t L, int64_t w_stride, int center, int threads)
 {
     const int64_t n = S * L;
 #pragma omp parallel num_threads(threads)
     {
         /* this thread's sums for dw and db (L == 1): in blk, FLUSH_ROWS rows at a time,
          * then added to its double sums in acc */
-        double *acc_dw = acc ? acc + (int64_t)omp_get_thread_num() * 2 * S : NULL;
-        scalar_t *blk = acc ? calloc(2 * S, sizeof(scalar_t)) : NULL;
+        const int64_t mine = (int64_t)omp_get_thread_num() * 2 * S;
+        double *acc_dw = acc ? acc + mine : NULL;
+        scalar_t *blk = acc ? blocks + mine : NULL;
         scalar_t *blk_dw = blk, *blk_db = blk ? blk + S : NULL;
         int pending = 0;
 #pragma omp for schedule(static)
@@ -241,10 +242,8 @@ void NAME(norm_backward)(const scalar_t *g, const scalar_t *x, const double *mea
                 }
             }
         }
-        if (blk) {
+        if (blk)
             NAME(flush)(blk, acc_dw, 2 * S);
-            free(blk);
-        }
     }
 }
 

@@ -162,9 +162,10 @@ def _native_backward(lib, dy, saved, weight, bias_shape, dims, center, needs):
     need_dw, need_db = needs[1] and weight is not None, needs[2] and bias_shape is not None
     dx = torch.empty_like(input) if needs[0] else None
     threads = native.threads(r)
-    acc = dw_rows = db_rows = None
+    acc = blocks = dw_rows = db_rows = None
     if ell == 1 and (need_dw or need_db):  # per column: summed over the rows, per thread
         acc = torch.zeros(threads, 2, s, dtype=torch.float64)
+        blocks = input.new_zeros(threads, 2, s)  # (each thread's last few rows)
     elif ell > 1:  # per (row, s), summed over the rows by _to_param_shape
         dw_rows = input.new_empty(r, s) if need_dw else None
         db_rows = input.new_empty(r, s) if need_db else None
@@ -179,6 +180,7 @@ def _native_backward(lib, dy, saved, weight, bias_shape, dims, center, needs):
         w,
         dx,
         acc,
+        blocks,
         dw_rows,
         db_rows,
         r,
