@@ -165,7 +165,7 @@ def _native_backward(lib, dy, saved, weight, bias_shape, dims, center, needs):
     acc = blocks = dw_rows = db_rows = None
     if ell == 1 and (need_dw or need_db):  # per column: summed over the rows, per thread
         acc = torch.zeros(threads, 2, s, dtype=torch.float64)
-        blocks = input.new_zeros(threads, 2, s)  # (each thread's last few rows)
+        blocks = input.new_zeros(threads, 2, s)  # (float sums of up to 32 rows, per thread)
     elif ell > 1:  # per (row, s), summed over the rows by _to_param_shape
         dw_rows = input.new_empty(r, s) if need_dw else None
         db_rows = input.new_empty(r, s) if need_db else None
