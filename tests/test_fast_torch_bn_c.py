@@ -118,3 +118,19 @@ def test_c_backward_runs_after_the_c_forward_even_when_turned_off_between():
     exact = torch_bn.batch_norm_forward(x.double(), gamma.double(), beta.double(), 1e-5)
     wanted = torch_bn.batch_norm_backward(g.double(), exact[3], gamma.double(), exact[2], 1e-5)
     torch.testing.assert_close(dx.double(), wanted[0], rtol=0, atol=1e-5)
+
+
+def test_modules_with_c_kernels_pass_gradcheck_and_gradgradcheck_in_float64():
+    """Double backward goes through the differentiable outputs mu and var of the Function: the
+    C forward must hand them over as tensors of their own, not the mean it keeps."""
+    module = torch_bn.BatchNorm2d(3).double()
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
+
+    def f(x, weight, bias):
+        state = {"weight": weight, "bias": bias}
+        return torch.func.functional_call(module, state, (x,), strict=False)
+
+    assert fast._c_layout(x) is not None
+    assert torch.autograd.gradcheck(f, (x, *params))
+    assert torch.autograd.gradgradcheck(f, (x, *params))

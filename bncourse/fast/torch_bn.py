@@ -192,7 +192,8 @@ def _c_forward(lib: Any, x: Tensor, gamma: Tensor | None, beta: Tensor | None, e
     native.call(
         lib, "bn_forward", x, gamma, beta, y, mean, var, n, channels, positions, eps, threads
     )
-    return y, mean.to(x.dtype), var.to(x.dtype), mean
+    # (mu a copy even in float64: the Function marks the last output, mean, non-differentiable)
+    return y, mean.to(x.dtype, copy=True), var.to(x.dtype), mean
 
 
 def _c_backward(
