@@ -92,8 +92,8 @@ void NAME(norm_forward)(const scalar_t *x, const scalar_t *w, const scalar_t *b,
     const int64_t n = S * L;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < R; r++) {
-        const scalar_t *xr = x + r * n;
-        scalar_t *yr = y + r * n;
+        const scalar_t *restrict xr = x + r * n;
+        scalar_t *restrict yr = y + r * n;
         double m, var;
         NAME(row_moments)(xr, n, center, &m, &var);
         const double rs = 1.0 / sqrt(var + eps);
@@ -132,11 +132,35 @@ void NAME(norm_forward)(const scalar_t *x, const scalar_t *w, const scalar_t *b,
 }
 
 /* acc += blk, and blk = 0 */
-static void NAME(flush)(scalar_t *blk, double *acc, int64_t count)
+static void NAME(flush)(scalar_t *restrict blk, double *restrict acc, int64_t count)
 {
     for (int64_t i = 0; i < count; i++) {
         acc[i] += blk[i];
         blk[i] = 0;
+    }
+}
+
+/* dx of one row of S values with a scale per value (L == 1): rf g w + pf (x - mean) + qf */
+static void NAME(row_dx)(const scalar_t *restrict g, const scalar_t *restrict x,
+                         const scalar_t *restrict w, scalar_t mf, scalar_t mlo, scalar_t rf,
+                         scalar_t pf, scalar_t qf, scalar_t *restrict dx, int64_t S)
+{
+    if (w)
+        for (int64_t s = 0; s < S; s++)
+            dx[s] = rf * g[s] * w[s] + pf * ((x[s] - mf) - mlo) + qf;
+    else
+        for (int64_t s = 0; s < S; s++)
+            dx[s] = rf * g[s] + pf * ((x[s] - mf) - mlo) + qf;
+}
+
+/* dw += g x_hat and db += g, per value of one row (L == 1) */
+static void NAME(row_sums)(const scalar_t *restrict g, const scalar_t *restrict x, scalar_t mf,
+                           scalar_t mlo, scalar_t rf, scalar_t *restrict dw,
+                           scalar_t *restrict db, int64_t S)
+{
+    for (int64_t s = 0; s < S; s++) {
+        dw[s] += g[s] * (((x[s] - mf) - mlo) * rf);
+        db[s] += g[s];
     }
 }
 
@@ -163,8 +187,8 @@ void NAME(norm_backward)(const scalar_t *g, const scalar_t *x, const double *mea
         int pending = 0;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
-            const scalar_t *xr = x + r * n, *gr = g + r * n;
-            const scalar_t *wr = w ? w + r * w_stride : NULL;
+            const scalar_t *restrict xr = x + r * n, *restrict gr = g + r * n;
+            const scalar_t *restrict wr = w ? w + r * w_stride : NULL;
             const double m = mean[r], rs = rstd[r];
             const scalar_t mf = (scalar_t)m, mlo = (scalar_t)(m - mf), rf = (scalar_t)rs;
             double sum_gw = 0.0, sum_gw_xhat = 0.0;
@@ -211,28 +235,17 @@ void NAME(norm_backward)(const scalar_t *g, const scalar_t *x, const double *mea
             if (L == 1) { /* (x - mf) - mlo, the centred value, is needed for dw too */
                 const scalar_t qf = (scalar_t)q;
                 scalar_t *dxr = dx ? dx + r * n : NULL;
-                if (dxr && blk)
-                    for (int64_t s = 0; s < S; s++) {
-                        const scalar_t xc = (xr[s] - mf) - mlo;
-                        dxr[s] = rf * gr[s] * (wr ? wr[s] : 1) + pf * xc + qf;
-                        blk_dw[s] += gr[s] * (xc * rf);
-                        blk_db[s] += gr[s];
-                    }
-                else if (dxr)
-                    for (int64_t s = 0; s < S; s++)
-                        dxr[s] = rf * gr[s] * (wr ? wr[s] : 1) + pf * ((xr[s] - mf) - mlo) + qf;
-                else if (blk)
-                    for (int64_t s = 0; s < S; s++) {
-                        blk_dw[s] += gr[s] * (((xr[s] - mf) - mlo) * rf);
-                        blk_db[s] += gr[s];
-                    }
+                if (dxr)
+                    NAME(row_dx)(gr, xr, wr, mf, mlo, rf, pf, qf, dxr, S);
+                if (blk)
+                    NAME(row_sums)(gr, xr, mf, mlo, rf, blk_dw, blk_db, S);
                 if (blk && ++pending == FLUSH_ROWS) {
                     NAME(flush)(blk, acc_dw, 2 * S);
                     pending = 0;
                 }
             } else if (dx) { /* p (x - mean) + q = p (x - mf) + (q - p mlo) */
                 const scalar_t qf = (scalar_t)(q - p * (double)mlo);
-                scalar_t *dxr = dx + r * n;
+                scalar_t *restrict dxr = dx + r * n;
                 for (int64_t s = 0; s < S; s++) {
                     const scalar_t af = (scalar_t)(wr ? rs * wr[s] : rs);
                     const scalar_t *xs = xr + s * L, *gs = gr + s * L;
@@ -286,9 +299,9 @@ static void NAME(channel_sums)(const scalar_t *g, const scalar_t *h, scalar_t hf
 }
 
 /* dx = a g + p (h - hf) + q over channel c */
-static void NAME(channel_dx)(const scalar_t *g, const scalar_t *h, scalar_t hf, scalar_t a,
-                             scalar_t p, scalar_t q, scalar_t *dx, int64_t N, int64_t C,
-                             int64_t L, int64_t c)
+static void NAME(channel_dx)(const scalar_t *restrict g, const scalar_t *restrict h, scalar_t hf,
+                             scalar_t a, scalar_t p, scalar_t q, scalar_t *restrict dx, int64_t N,
+                             int64_t C, int64_t L, int64_t c)
 {
     for (int64_t n = 0; n < N; n++) {
         const int64_t at = (n * C + c) * L;
@@ -299,9 +312,9 @@ static void NAME(channel_dx)(const scalar_t *g, const scalar_t *h, scalar_t hf, 
 
 /* y = gamma * x_hat + beta with the batch statistics; mean_out and var_out (biased) in
  * double. */
-void NAME(bn_forward)(const scalar_t *x, const scalar_t *gamma, const scalar_t *beta, scalar_t *y,
-                      double *mean_out, double *var_out, int64_t N, int64_t C, int64_t L,
-                      double eps, int threads)
+void NAME(bn_forward)(const scalar_t *restrict x, const scalar_t *gamma, const scalar_t *beta,
+                      scalar_t *restrict y, double *mean_out, double *var_out, int64_t N,
+                      int64_t C, int64_t L, double eps, int threads)
 {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < C; c++) {
@@ -350,9 +363,10 @@ void NAME(bn_backward)(const scalar_t *g, const scalar_t *x, const double *mean,
 
 /* For bncourse.fast.numpy_bn, whose cache keeps x_hat: bn_forward that also writes x_hat, with
  * gamma and beta in double (either may be NULL). */
-void NAME(bn_forward_xhat)(const scalar_t *x, const double *gamma, const double *beta,
-                           scalar_t *y, scalar_t *x_hat, double *mean_out, double *var_out,
-                           int64_t N, int64_t C, int64_t L, double eps, int threads)
+void NAME(bn_forward_xhat)(const scalar_t *restrict x, const double *gamma, const double *beta,
+                           scalar_t *restrict y, scalar_t *restrict x_hat, double *mean_out,
+                           double *var_out, int64_t N, int64_t C, int64_t L, double eps,
+                           int threads)
 {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < C; c++) {
