@@ -12,7 +12,7 @@ are still in the cache, and the same for the backward pass.
 (``cc``, or ``$CC``; about a second) into a cache folder (``$BNCOURSE_CACHE`` or
 ``~/.cache/bncourse``), and loads it with :mod:`ctypes`. Without a compiler, or when the
 environment variable ``BNCOURSE_NATIVE`` is ``0``, it returns None, and the fast kernels use
-PyTorch operations instead. :func:`use_native` turns the C kernels off and on at run time.
+NumPy or PyTorch operations instead. :func:`use_native` turns the C kernels off and on at run time.
 """
 
 from __future__ import annotations
