@@ -119,8 +119,14 @@ def _build() -> ctypes.CDLL:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded C kernels, built on first use; None when turned off or when building failed
-    (:func:`unavailable_reason` says why)."""
+    """The C kernels, compiled and loaded on first use (then cached on disk and in memory).
+
+    Returns
+    -------
+    ctypes.CDLL or None
+        None when turned off (:func:`use_native`, ``BNCOURSE_NATIVE=0``), on Windows, or when
+        building failed; :func:`unavailable_reason` says why.
+    """
     if not _state["enabled"] or sys.platform == "win32":
         return None
     if "library" not in _state:
@@ -133,9 +139,19 @@ def library() -> ctypes.CDLL | None:
 
 
 def call(lib: ctypes.CDLL, name: str, *args: object) -> None:
-    """Run the kernel ``name`` of ``lib`` on ``args``: tensors and arrays pass their data (the
-    first one's element size picks the float32 or float64 kernel; ``args`` keeps them alive for
-    the call), None a null pointer, numbers themselves."""
+    """Run the kernel ``name`` of ``lib`` on ``args``.
+
+    Parameters
+    ----------
+    lib : ctypes.CDLL
+        From :func:`library`.
+    name : str
+        A kernel of ``norm_rows.c`` without its suffix, e.g. ``"bn_forward"``.
+    *args : Tensor, np.ndarray, None, int or float
+        In the kernel's order. Tensors and arrays pass a pointer to their data (the first one's
+        element size picks the ``_f32`` or ``_f64`` kernel; ``args`` keeps them alive for the
+        call), None a null pointer, numbers themselves.
+    """
     values, element_size = [], None
     for arg in args:
         if isinstance(arg, np.ndarray):
@@ -149,12 +165,20 @@ def call(lib: ctypes.CDLL, name: str, *args: object) -> None:
 
 
 def built() -> ctypes.CDLL | None:
-    """The library if it has been built and loaded (whether turned on or not), else None."""
+    """The loaded library if :func:`library` has built it (whether turned on now or not), else
+    None; builds nothing."""
     return _state.get("library")  # type: ignore[return-value]
 
 
 def unavailable_reason() -> str | None:
-    """Why :func:`library` is None (turned off, or the build's error), or None when it is not."""
+    """Why :func:`library` returns None, or None when it does not.
+
+    Returns
+    -------
+    str or None
+        ``"turned off ..."``, ``"not built on Windows"``, or the build's error (for example no
+        compiler, or one without OpenMP); None when the C kernels are available.
+    """
     if not _state["enabled"]:
         return "turned off (use_native(False) or BNCOURSE_NATIVE=0)"
     if sys.platform == "win32":
@@ -164,17 +188,32 @@ def unavailable_reason() -> str | None:
 
 
 def threads(work_items: int) -> int:
-    """The number of threads for ``work_items`` rows or channels: PyTorch's thread count
-    (``torch.set_num_threads``; for the NumPy layers too), or fewer when there are fewer."""
+    """The number of threads the C kernels use for ``work_items`` rows or channels.
+
+    PyTorch's thread count (``torch.set_num_threads``; for the NumPy layer too), or
+    ``work_items`` when that is fewer, and at least 1.
+    """
     import torch
 
     return max(1, min(torch.get_num_threads(), work_items))
 
 
 def use_native(enabled: bool) -> bool:
-    """Turn the C kernels on or off for the fast kernels of :mod:`bncourse.torch_norm` and
-    :mod:`bncourse.torch_bn`; returns the previous setting (``previous = use_native(False);
-    ...; use_native(previous)``)."""
+    """Turn the C kernels on or off for the fast kernels.
+
+    Off, :mod:`bncourse.fast.torch_norm`, :mod:`bncourse.fast.torch_bn` and
+    :mod:`bncourse.fast.numpy_bn` run their PyTorch or NumPy operations (same results within
+    rounding). A process-wide setting, like the environment variable ``BNCOURSE_NATIVE=0``.
+
+    Parameters
+    ----------
+    enabled : bool
+
+    Returns
+    -------
+    bool
+        The previous setting: ``previous = use_native(False); ...; use_native(previous)``.
+    """
     if not isinstance(enabled, bool):
         raise TypeError(f"use_native: enabled must be a bool, got {enabled!r}")
     previous = bool(_state["enabled"])
@@ -185,7 +224,7 @@ def use_native(enabled: bool) -> bool:
 @contextlib.contextmanager
 def native_kernels(enabled: bool) -> Iterator[None]:
     """Context manager: :func:`use_native` ``(enabled)`` inside the block, the previous setting
-    after it (also when the block raises)."""
+    after it (also when the block raises): ``with native_kernels(False): ...``."""
     previous = use_native(enabled)
     try:
         yield
