@@ -302,15 +302,15 @@ def norm_timing(
     theirs = {"LayerNorm": nn.LayerNorm(width), "RMSNorm": nn.RMSNorm(width)}
     variants = {"operations": False} | ({"C": True} if native.library() is not None else {})
 
-    def step(layer: nn.Module, c_kernels: bool | None = None) -> None:
-        if c_kernels is None:
-            layer(x).backward(dy)
-            return
+    def step(layer: nn.Module) -> None:
+        layer(x).backward(dy)
+
+    def ours_step(layer: nn.Module, c_kernels: bool) -> None:
         with native.native_kernels(c_kernels):
-            layer(x).backward(dy)
+            step(layer)
 
     calls = {
-        f"{name} (bncourse, {variant})": (lambda layer=layer, c=c: step(layer, c))
+        f"{name} (bncourse, {variant})": (lambda layer=layer, c=c: ours_step(layer, c))
         for variant, c in variants.items()
         for name, layer in ours.items()
     }

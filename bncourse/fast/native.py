@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 __all__ = [
     "library",
@@ -193,8 +194,6 @@ def threads(work_items: int) -> int:
     PyTorch's thread count (``torch.set_num_threads``; for the NumPy layer too), or
     ``work_items`` when that is fewer, and at least 1.
     """
-    import torch
-
     return max(1, min(torch.get_num_threads(), work_items))
 
 

@@ -267,17 +267,12 @@ def _c_layout(a: np.ndarray) -> tuple[int, int, int] | None:
     return (a.shape[0], a.shape[1], positions) if positions >= 16 else None
 
 
-def _c_forward(lib, x, gamma64, beta64, eps, workspace):
-    """The C kernel's forward: ``(y, cache)``, ``x_hat`` written into ``workspace`` when it fits
-    (per channel: the sums of ``x - pivot``, then ``x_hat`` and ``y`` while it is in the cache)."""
+def _c_forward(lib, x, gamma64, beta64, eps, out):
+    """The C kernel's forward: ``(y, cache)``, ``x_hat`` written into ``out`` (N, C, L) when
+    given (per channel: the sums of ``x - pivot``, then ``x_hat`` and ``y`` while it is in the
+    cache)."""
     n, channels, positions = _c_layout(x)
-    fits = (
-        workspace is not None
-        and workspace.shape == (n, channels, positions)
-        and workspace.dtype == x.dtype
-        and workspace.flags.c_contiguous
-    )
-    x_hat = workspace if fits else np.empty((n, channels, positions), x.dtype)
+    x_hat = out if out is not None else np.empty((n, channels, positions), x.dtype)
     y = np.empty_like(x)
     mean, var = np.empty(channels), np.empty(channels)
     gamma64, beta64 = (None if v is None else np.ascontiguousarray(v) for v in (gamma64, beta64))
@@ -325,9 +320,6 @@ def _forward(
     _check_enough_values(x)
     if _small(x):
         return reference.batch_norm_forward(x, gamma, beta, eps)
-    if _c_layout(x) is not None and (lib := native.library()) is not None:
-        return _c_forward(lib, x, gamma64, beta64, eps, workspace)
-
     shape3 = (x.shape[0], channels, x.size // (x.shape[0] * channels))
     fits = (
         workspace is not None
@@ -335,7 +327,10 @@ def _forward(
         and workspace.dtype == _working_dtype(x.dtype)
         and workspace.flags.c_contiguous
     )
-    d, mean, var = _centre(x, out=workspace if fits else None)
+    out = workspace if fits else None
+    if _c_layout(x) is not None and (lib := native.library()) is not None:
+        return _c_forward(lib, x, gamma64, beta64, eps, out)
+    d, mean, var = _centre(x, out=out)
     inv_std = 1.0 / np.sqrt(var + eps)
     dtype = d.dtype
     layout = _PerChannel(d.shape)

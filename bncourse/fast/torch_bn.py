@@ -170,20 +170,30 @@ def _scale_and_offset(
 
 
 def _c_layout(x: Tensor) -> tuple[int, int, int] | None:
-    """``(N, C, L)`` when the C kernels take ``x``: on a CPU, float32 or float64, contiguous
-    NCHW with at least 16 positions per channel and sample; else None."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 3:
+    """``(N, C, L)`` when the C kernels take ``x``: on a CPU, float32 or float64, with the rows
+    of :func:`_rows` (contiguous NCHW, at least 16 positions); else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
-    n, channels = x.shape[0], x.shape[1]
-    positions = x.numel() // max(1, n * channels)
-    if positions < 16 or not x.is_contiguous():
-        return None
-    return n, channels, positions
+    rows = _rows(x)
+    return None if rows is None else (x.shape[0], x.shape[1], rows.shape[1])
 
 
-def _c_forward(lib: Any, x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float):
-    """The C kernel's forward: ``(y, mu, var, mean)``, ``mean`` (C,) in float64."""
-    n, channels, positions = _c_layout(x)
+def _pivot(x: Tensor) -> Tensor:
+    """One sample of each channel of ``x`` (N, C, *): its first value, shape (1, C, 1, ...)."""
+    return x[(slice(0, 1), slice(None)) + (slice(0, 1),) * (x.dim() - 2)]
+
+
+def _c_forward(
+    lib: Any,
+    layout: tuple[int, int, int],
+    x: Tensor,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    eps: float,
+):
+    """The C kernel's forward on ``x`` of :func:`_c_layout` ``layout``: ``(y, mu, var, mean)``,
+    ``mean`` (C,) in float64."""
+    n, channels, positions = layout
     y = torch.empty_like(x)
     mean = torch.empty(channels, dtype=torch.float64)
     var = torch.empty(channels, dtype=torch.float64)
@@ -197,10 +207,17 @@ def _c_forward(lib: Any, x: Tensor, gamma: Tensor | None, beta: Tensor | None, e
 
 
 def _c_backward(
-    lib: Any, g: Tensor, x: Tensor, mean: Tensor, gamma: Tensor | None, var: Tensor, eps: float
+    lib: Any,
+    layout: tuple[int, int, int],
+    g: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    gamma: Tensor | None,
+    var: Tensor,
+    eps: float,
 ):
     """The C kernel's backward from the input and the batch mean: ``(dx, dgamma, dbeta)``."""
-    n, channels, positions = _c_layout(x)
+    n, channels, positions = layout
     mean = mean.to(torch.float64).contiguous()
     rstd = (var.to(torch.float64) + eps).rsqrt_()
     gamma = None if gamma is None else gamma.contiguous()
@@ -240,8 +257,9 @@ def batch_norm_forward(
     ``mu`` in the input's dtype).
     """
     dims = reference._reduction_dims(x)
-    if not keep_centred and _c_layout(x) is not None and (lib := native.library()) is not None:
-        return _c_forward(lib, x, gamma, beta, eps)
+    layout = None if keep_centred else _c_layout(x)
+    if layout is not None and (lib := native.library()) is not None:
+        return _c_forward(lib, layout, x, gamma, beta, eps)
     if not keep_centred and x.device.type == "cpu":
         mu, var = _mean_and_variance(x, dims)
         if _one_pass(mu, var):  # y = x * scale + (beta - mu * scale): one pass, one new tensor
@@ -250,7 +268,7 @@ def batch_norm_forward(
             y = torch.addcmul(offset_rows, x, scale_rows)
             return y, mu.flatten().clone(), var.view(-1), mu.view(-1)
     # one sample per channel, a small contiguous copy (broadcasting a strided view is slow)
-    pivot = x[(slice(0, 1), slice(None)) + (slice(0, 1),) * (x.dim() - 2)].contiguous()
+    pivot = _pivot(x).contiguous()
     d = torch.sub(x, pivot)  # x - pivot, in x's memory layout; becomes y (or x - mu)
     shift, var = _mean_and_variance(d, dims)  # mean(d) = mu - pivot, small
     mu = (pivot + shift).view(-1)
@@ -299,8 +317,9 @@ def batch_norm_backward_from_input(
     """
     dims = reference._reduction_dims(g)
     channels = x.shape[1]
-    if centring.numel() == channels and _c_layout(x) is not None and native.built() is not None:
-        return _c_backward(native.built(), g, x, centring, gamma, var, eps)  # (mean, any dtype)
+    layout = _c_layout(x) if centring.numel() == channels else None
+    if layout is not None and (lib := native.built()) is not None:
+        return _c_backward(lib, layout, g, x, centring, gamma, var, eps)  # (mean, any dtype)
     # dx = p * (source - centre) + q + scale * g, where source - centre = x - mu
     if centring.numel() == channels:  # one pass: from x, centre mu
         source, centre, out = x, reference._per_channel(centring, x), None
@@ -362,7 +381,7 @@ def _forward_keeping_no_centred_input(
     compiler reads ``x`` twice (one fused pass for ``sum(d)`` and ``sum(d * d)``, one for
     ``y``) where the reference's exact two-step centring reads it four times."""
     dims = reference._reduction_dims(x)
-    pivot = x[(slice(0, 1), slice(None)) + (slice(0, 1),) * (x.dim() - 2)]
+    pivot = _pivot(x)
     d = x - pivot
     shift = d.mean(dims, keepdim=True)  # mu - pivot, small
     var = ((d * d).mean(dims, keepdim=True) - shift * shift).clamp(min=0.0)
