@@ -17,7 +17,7 @@ reported, in CPU time (``time.process_time``) so that other processes on a share
 count less (``--clock wall`` for wall time: with several threads CPU time also counts the time
 threads spend waiting for each other); on CUDA, wall time after synchronisation. The
 targets: ``bncourse`` at most 1.5x native eager, ``bncourse compiled`` at most 1.0x native eager.
-The script re-runs itself with glibc's allocator pinned (:mod:`pinned_allocator`: no page
+The script runs with glibc's allocator pinned (:mod:`pinned_allocator`: no page
 faults decide the result); ``--unpinned-allocator`` times the default behaviour instead.
 
 Usage::
@@ -34,7 +34,7 @@ import sys
 import time
 
 import torch
-from pinned_allocator import pin_allocator  # (this script's folder)
+from pinned_allocator import pinned_allocator  # (this script's folder)
 from torch import nn
 
 from bncourse import torch_norm
@@ -138,5 +138,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    pin_allocator(sys.argv)
-    main()
+    with pinned_allocator(sys.argv):
+        main()

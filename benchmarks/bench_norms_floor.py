@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from pinned_allocator import pin_allocator  # (this script's folder)
+from pinned_allocator import pinned_allocator  # (this script's folder)
 from torch import nn
 
 
@@ -123,5 +123,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    pin_allocator(sys.argv)
-    main()
+    with pinned_allocator(sys.argv):
+        main()

@@ -20,7 +20,7 @@ copy bandwidth measured in the same process (``np.copyto`` of 256 MiB, one read 
 
 The ``fast`` layer runs its C kernels (:mod:`bncourse.fast.native`) on C-contiguous input of
 at least 16 positions where a C compiler built them; ``--no-native`` times its NumPy operations
-instead. The script re-runs itself with glibc's allocator pinned (:mod:`pinned_allocator`);
+instead. The script runs with glibc's allocator pinned (:mod:`pinned_allocator`);
 ``--unpinned-allocator`` times the default behaviour.
 
 Examples
@@ -63,7 +63,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pinned_allocator import pin_allocator  # noqa: E402  (this script's folder)
+from pinned_allocator import pinned_allocator  # noqa: E402  (this script's folder)
 
 from bncourse.fast import native as c_kernels  # noqa: E402
 from bncourse.numpy_bn import BatchNorm  # noqa: E402
@@ -166,5 +166,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    pin_allocator(sys.argv)
-    main()
+    with pinned_allocator(sys.argv):
+        main()

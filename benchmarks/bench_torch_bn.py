@@ -19,8 +19,8 @@ write per byte). With ``B`` bytes per tensor of the input's size, an ideal batch
 ``5 B``: forward reads ``x`` and writes ``y``; backward reads ``x`` and ``dy`` and writes ``dx``.
 
 Page faults. Each step makes new full-size tensors (``y``, ``dx``), and whether they cost a page
-fault per 4 KiB page depends on every allocation in the process; the script therefore re-runs
-itself with glibc's allocator pinned (:mod:`pinned_allocator`), so that every contender reuses
+fault per 4 KiB page depends on every allocation in the process; the script therefore runs
+with glibc's allocator pinned (:mod:`pinned_allocator`), so that every contender reuses
 its memory. ``--unpinned-allocator`` times the default behaviour instead.
 
 Examples
@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pinned_allocator import pin_allocator  # noqa: E402  (this script's folder)
+from pinned_allocator import pinned_allocator  # noqa: E402  (this script's folder)
 
 from bncourse import torch_bn  # noqa: E402
 
@@ -163,5 +163,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    pin_allocator(sys.argv)
-    main()
+    with pinned_allocator(sys.argv):
+        main()

@@ -6,6 +6,8 @@
   to check hand-derived backward passes.
 * :func:`interleaved_times`: time several functions in turn, repeat after repeat, so that a
   burst of load on a shared machine hits them all alike.
+* :func:`memory_policy`: run a block with glibc's allocator keeping freed memory, or handing
+  every large block back to the operating system, so that page faults do not decide a timing.
 * :class:`KernelChoice`: which kernels a module runs, a :mod:`contextvars` variable behind the
   ``use_kernels`` / ``kernels`` switches of :mod:`bncourse.torch_bn` and
   :mod:`bncourse.torch_norm`.
@@ -20,7 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import ctypes.util
 import inspect
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -33,6 +38,7 @@ __all__ = [
     "accuracy",
     "finite_difference_gradient",
     "interleaved_times",
+    "memory_policy",
     "KernelChoice",
     "signature_computed_once",
 ]
@@ -177,6 +183,85 @@ def interleaved_times(
                 function()
             times[name][repeat] = (now() - start) / number
     return times
+
+
+# glibc's mallopt parameters and the defaults it starts from (64-bit)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_DEFAULT_THRESHOLD = 128 << 10
+_POLICIES = {
+    # freed blocks up to 32 MiB (glibc's ceiling) stay with the process and are never trimmed
+    "keep": {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 1 << 30},
+    # every block of 128 KiB or more is mapped on allocation and unmapped when freed
+    "return": {_M_MMAP_THRESHOLD: _DEFAULT_THRESHOLD, _M_TRIM_THRESHOLD: _DEFAULT_THRESHOLD},
+}
+_policies_in_force: list[str] = []  # of the memory_policy blocks entered, innermost last
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has ``mallopt``), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def _set_policy(libc: ctypes.CDLL, policy: str | None) -> None:
+    """Set ``policy``'s thresholds, or glibc's defaults for None (and give back freed memory)."""
+    thresholds = (
+        _POLICIES[policy] if policy else dict.fromkeys(_POLICIES["return"], _DEFAULT_THRESHOLD)
+    )
+    for parameter, value in thresholds.items():
+        libc.mallopt(parameter, value)
+    if policy is None:
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def memory_policy(policy: str) -> Iterator[bool]:
+    """Run the ``with`` block with a fixed policy for the memory of large arrays and tensors.
+
+    A freed block of memory either stays with the process, and the next array of that size
+    reuses it, or goes back to the operating system, and the next one costs a page fault per
+    4 KiB page the first time it is written: for a batch norm step on a CPU, as much time as
+    its arithmetic. By default glibc decides between the two by the sizes of past allocations,
+    so a timing can swing by a factor of two with what ran before it. This pins the choice.
+    Blocks nest: leaving one restores the policy of the block around it.
+
+    Parameters
+    ----------
+    policy : {"keep", "return"}
+        ``"keep"``: freed blocks up to 32 MiB stay with the process (no page faults once every
+        size has been allocated once). ``"return"``: every block of 128 KiB or more comes from
+        the operating system and goes back when freed (page faults on every new array).
+
+    Yields
+    ------
+    bool
+        True when the policy is in force; False where the C library is not glibc (macOS,
+        Windows, musl), where the block runs with the allocator as it is.
+
+    Notes
+    -----
+    Leaving the outermost block gives back the freed memory the process holds and sets
+    glibc's default thresholds (128 KiB) again; they then stay fixed instead of adapting to
+    past allocations as they do in a new process.
+    """
+    if policy not in _POLICIES:
+        raise ValueError(f"policy must be 'keep' or 'return', got {policy!r}")
+    libc = _glibc()
+    if libc is None:
+        yield False
+        return
+    _policies_in_force.append(policy)
+    _set_policy(libc, policy)
+    try:
+        yield True
+    finally:
+        _policies_in_force.pop()
+        _set_policy(libc, _policies_in_force[-1] if _policies_in_force else None)
 
 
 class KernelChoice:

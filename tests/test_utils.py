@@ -1,6 +1,8 @@
-"""Tests of bncourse.utils: thread control, accuracy, finite differences."""
+"""Tests of bncourse.utils: thread control, accuracy, finite differences, timing."""
 
 from __future__ import annotations
+
+import resource
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from bncourse.utils import (
     accuracy,
     finite_difference_gradient,
     interleaved_times,
+    memory_policy,
     torch_threads,
 )
 
@@ -73,3 +76,29 @@ def test_interleaved_times_alternates_and_measures():
     assert np.all(wall["spin"] > 0)
     with pytest.raises(ValueError, match="clock"):
         interleaved_times({"spin": spin}, clock="gpu")
+
+
+def _page_faults_of_new_arrays(count: int) -> int:
+    """Minor page faults while making and filling ``count`` new 8 MiB arrays in turn."""
+    np.ones(1 << 21, dtype=np.float32)  # once, so that "keep" has the block
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(count):
+        np.ones(1 << 21, dtype=np.float32)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_memory_policy_decides_the_page_faults_of_new_arrays():
+    count = 20
+    with memory_policy("keep") as pinned:
+        if not pinned:
+            pytest.skip("the C library is not glibc")
+        kept = _page_faults_of_new_arrays(count)
+    with memory_policy("return"):
+        returned = _page_faults_of_new_arrays(count)
+    # new memory each time: at least four faults an array (2 MiB huge pages; 2048 pages of
+    # 4 KiB without them), none once the memory is kept
+    assert returned >= 4 * count
+    assert kept < count
+    with pytest.raises(ValueError, match="policy"):
+        with memory_policy("free"):
+            pass

@@ -28,7 +28,7 @@ from bncourse.fast import native
 from bncourse.models import make_cnn, make_mlp
 from bncourse.torch_bn import BatchNorm1d
 from bncourse.training import TrainingHistory, train
-from bncourse.utils import interleaved_times, torch_threads
+from bncourse.utils import interleaved_times, memory_policy, torch_threads
 
 __all__ = [
     "FAMILY",
@@ -292,7 +292,8 @@ def norm_timing(
     out where it cannot be built, see :mod:`bncourse.fast.native`), each the same code with and
     without centring, and PyTorch's modules, interleaved (:func:`bncourse.utils.interleaved_times`,
     ``repeats`` rounds after two warm-up calls) on one thread, in CPU time so that other
-    processes on the machine count less.
+    processes on the machine count less, with freed memory kept by the process
+    (:func:`bncourse.utils.memory_policy`) so that page faults do not decide the result.
     """
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator).requires_grad_(True)
@@ -317,7 +318,7 @@ def norm_timing(
     calls |= {
         f"{name} (torch)": (lambda layer=layer: step(layer)) for name, layer in theirs.items()
     }
-    with torch_threads(1):
+    with torch_threads(1), memory_policy("keep"):
         times = interleaved_times(calls, repeats=repeats, warmup=2, clock="cpu")
     return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
