@@ -41,6 +41,15 @@ def test_accumulation_gap_is_zero_without_batch_statistics():
     assert frozen_gap < 1e-5 and frozen_updates == 0
 
 
+def test_finetune_comparison_averages_its_runs():
+    model, data = _pretrained(0)
+    result = ch9.finetune_comparison(model, data, batch_sizes=(4,), steps=5, runs=2)
+    assert result.runs.shape == (2, 1, 2)
+    np.testing.assert_allclose(result.accuracy["BN frozen"], result.runs[1].mean(axis=1))
+    with pytest.raises(ValueError, match="runs"):
+        ch9.finetune_comparison(model, data, runs=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_finetune_claims(seed):

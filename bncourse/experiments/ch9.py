@@ -23,6 +23,7 @@ takes care of the input's scale.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -240,13 +241,17 @@ class FinetuneComparison:
         Target test accuracy after AdaBN on the (unlabelled) fine-tuning inputs alone.
     accuracy : dict of str to np.ndarray, each shape (len(batch_sizes),)
         ``"BN updating"`` (ordinary training mode) and ``"BN frozen"`` (``freeze_batch_norm``
-        with trainable gamma and beta): target test accuracy after fine-tuning.
+        with trainable gamma and beta): target test accuracy after fine-tuning, the mean over
+        the runs.
+    runs : np.ndarray, shape (2, len(batch_sizes), runs)
+        The accuracy of each run, updating then frozen.
     """
 
     batch_sizes: list[int]
     before: float
     adabn: float
     accuracy: dict[str, np.ndarray] = field(default_factory=dict)
+    runs: np.ndarray = field(default_factory=lambda: np.zeros((2, 0, 0)))
 
 
 def finetune_comparison(
@@ -259,6 +264,7 @@ def finetune_comparison(
     kind: str = "contrast",
     severity: float = 0.5,
     seed: int = 0,
+    runs: int = 5,
 ) -> FinetuneComparison:
     """Fine-tune a pretrained model on ``num_examples`` shifted training digits.
 
@@ -266,8 +272,13 @@ def finetune_comparison(
     labelled training images (drawn with ``seed``) and the whole shifted test split. Each
     batch size runs ``steps`` SGD steps at learning rate ``lr`` from the same pretrained
     weights, with batch norm updating (training mode) or frozen (:func:`freeze_batch_norm`,
-    gamma and beta trainable). ``model`` is not modified.
+    gamma and beta trainable), ``runs`` times with the batches drawn in other orders (seeds
+    ``seed``, ``seed + 1``, ...); the accuracies are averaged over the runs, since one run at
+    batch size 2 moves by several points with the order of its batches. ``model`` is not
+    modified.
     """
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
     rng = np.random.default_rng(seed)
     chosen = rng.choice(data.num_train, num_examples, replace=False)
     target = Dataset(
@@ -285,15 +296,18 @@ def finetune_comparison(
         model, [torch.as_tensor(target.x_train, device=device)], inplace=False
     )
     adabn = evaluate(adapted, target.x_test, target.y_test)[1]
-    result = {"BN updating": np.zeros(len(batch_sizes)), "BN frozen": np.zeros(len(batch_sizes))}
-    for column, batch_size in enumerate(batch_sizes):
-        for name in result:
-            student = copy.deepcopy(model)
-            if name == "BN frozen":
-                frozen.freeze_batch_norm(student, affine_trainable=True)
-            options = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-            result[name][column] = _fit(student, target, device=device, **options)
-    return FinetuneComparison(list(batch_sizes), before, adabn, result)
+    names = ("BN updating", "BN frozen")
+    accuracy = np.zeros((len(names), len(batch_sizes), runs))
+    for (i, name), (j, batch_size), run in itertools.product(
+        enumerate(names), enumerate(batch_sizes), range(runs)
+    ):
+        student = copy.deepcopy(model)
+        if name == "BN frozen":
+            frozen.freeze_batch_norm(student, affine_trainable=True)
+        options = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed + run)
+        accuracy[i, j, run] = _fit(student, target, device=device, **options)
+    mean = {name: accuracy[i].mean(axis=1) for i, name in enumerate(names)}
+    return FinetuneComparison(list(batch_sizes), before, adabn, mean, accuracy)
 
 
 @dataclass
