@@ -64,17 +64,21 @@ def test_sequence_claims(seed):
 
 
 def test_norm_timing_keys_and_what_the_chapter_says_of_them():
-    timing = ch7.norm_timing(shape=(16, 128, 512), repeats=15)
+    timing = ch7.norm_timing(shape=(16, 128, 512), repeats=41)
     variants = ["operations"] + (["C"] if native.library() is not None else [])
     assert set(timing) == {
         f"{name} (bncourse, {variant})" for variant in variants for name in ("LayerNorm", "RMSNorm")
     } | {"LayerNorm (torch)", "RMSNorm (torch)"}
     ops = timing["RMSNorm (bncourse, operations)"] / timing["LayerNorm (bncourse, operations)"]
-    assert ops < 0.9  # the centring's passes cost more than a tenth
+    assert ops < 0.9, timing  # the centring's passes cost more than a tenth
     assert timing["RMSNorm (torch)"] > timing["LayerNorm (torch)"]  # composite vs fused (CPU)
     if "C" in variants:
-        fused = timing["RMSNorm (bncourse, C)"] / timing["LayerNorm (bncourse, C)"]
-        assert fused > ops  # fused, the saving is a smaller share
+        saved = {
+            variant: timing[f"LayerNorm (bncourse, {variant})"]
+            - timing[f"RMSNorm (bncourse, {variant})"]
+            for variant in variants
+        }
+        assert saved["C"] < 0.5 * saved["operations"], timing  # fused, the saving shrinks
         assert timing["LayerNorm (bncourse, C)"] < 0.5 * timing["LayerNorm (bncourse, operations)"]
 
 
