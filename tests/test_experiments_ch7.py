@@ -73,14 +73,10 @@ def test_norm_timing_keys_and_what_the_chapter_says_of_them():
     assert ops < 0.9, timing  # the centring's passes cost more than a tenth
     assert timing["RMSNorm (torch)"] > timing["LayerNorm (torch)"]  # composite vs fused (CPU)
     if "C" in variants:
-        saved = {
-            variant: timing[f"LayerNorm (bncourse, {variant})"]
-            - timing[f"RMSNorm (bncourse, {variant})"]
-            for variant in variants
-        }
-        assert saved["C"] < 0.5 * saved["operations"], timing  # fused, the saving shrinks
         # 0.35-0.37 on an idle machine, up to 0.54 with the memory bus shared with another process
         assert timing["LayerNorm (bncourse, C)"] < 0.7 * timing["LayerNorm (bncourse, operations)"]
+        # fused with its centring, faster than without it as operations (0.45-0.6)
+        assert timing["LayerNorm (bncourse, C)"] < timing["RMSNorm (bncourse, operations)"]
 
 
 @pytest.mark.slow
