@@ -234,8 +234,9 @@ def memory_policy(policy: str) -> Iterator[bool]:
     ----------
     policy : {"keep", "return"}
         ``"keep"``: freed blocks up to 32 MiB stay with the process (no page faults once every
-        size has been allocated once). ``"return"``: every block of 128 KiB or more comes from
-        the operating system and goes back when freed (page faults on every new array).
+        size has been allocated once). ``"return"``: blocks of 128 KiB or more go back to the
+        operating system when freed, and new ones come from it (page faults on every new
+        array), except where free memory the process held before the block can serve them.
 
     Yields
     ------
