@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import ctypes
 import ctypes.util
+import functools
 import inspect
 import sys
 import time
@@ -197,8 +198,9 @@ _POLICIES = {
 _policies_in_force: list[str] = []  # of the memory_policy blocks entered, innermost last
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (it has ``mallopt``), else None."""
+    """The C library when it is glibc (it has ``mallopt``), else None (looked up once)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -209,11 +211,9 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def _set_policy(libc: ctypes.CDLL, policy: str | None) -> None:
-    """Set ``policy``'s thresholds, or glibc's defaults for None (and give back freed memory)."""
-    thresholds = (
-        _POLICIES[policy] if policy else dict.fromkeys(_POLICIES["return"], _DEFAULT_THRESHOLD)
-    )
-    for parameter, value in thresholds.items():
+    """Set ``policy``'s thresholds, or for None glibc's defaults (those of ``"return"``) and
+    give back the freed memory the process holds."""
+    for parameter, value in _POLICIES[policy or "return"].items():
         libc.mallopt(parameter, value)
     if policy is None:
         libc.malloc_trim(0)
