@@ -13,12 +13,8 @@ ours, reuses its memory.
 from __future__ import annotations
 
 import contextlib
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bncourse.utils import memory_policy  # noqa: E402
+from bncourse.utils import memory_policy
 
 
 def pinned_allocator(argv: list[str]) -> contextlib.AbstractContextManager[object]:
