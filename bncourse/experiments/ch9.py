@@ -228,6 +228,9 @@ def adaptation_on_one_class(
     )
 
 
+_FINETUNE_NAMES = ("BN updating", "BN frozen")
+
+
 @dataclass
 class FinetuneComparison:
     """Fine-tuning with batch norm updating or frozen, at several batch sizes.
@@ -239,19 +242,21 @@ class FinetuneComparison:
         Target test accuracy of the pretrained model, before fine-tuning.
     adabn : float
         Target test accuracy after AdaBN on the (unlabelled) fine-tuning inputs alone.
-    accuracy : dict of str to np.ndarray, each shape (len(batch_sizes),)
-        ``"BN updating"`` (ordinary training mode) and ``"BN frozen"`` (``freeze_batch_norm``
-        with trainable gamma and beta): target test accuracy after fine-tuning, the mean over
-        the runs.
     runs : np.ndarray, shape (2, len(batch_sizes), runs)
-        The accuracy of each run, updating then frozen.
+        Target test accuracy after each fine-tuning run, with batch norm updating (ordinary
+        training mode), then frozen (``freeze_batch_norm`` with trainable gamma and beta).
+    accuracy : dict of str to np.ndarray, each shape (len(batch_sizes),)
+        ``"BN updating"`` and ``"BN frozen"``: the mean over the runs.
     """
 
     batch_sizes: list[int]
     before: float
     adabn: float
-    accuracy: dict[str, np.ndarray] = field(default_factory=dict)
-    runs: np.ndarray = field(default_factory=lambda: np.zeros((2, 0, 0)))
+    runs: np.ndarray
+
+    @property
+    def accuracy(self) -> dict[str, np.ndarray]:
+        return dict(zip(_FINETUNE_NAMES, self.runs.mean(axis=2), strict=True))
 
 
 def finetune_comparison(
@@ -296,18 +301,16 @@ def finetune_comparison(
         model, [torch.as_tensor(target.x_train, device=device)], inplace=False
     )
     adabn = evaluate(adapted, target.x_test, target.y_test)[1]
-    names = ("BN updating", "BN frozen")
-    accuracy = np.zeros((len(names), len(batch_sizes), runs))
+    accuracy = np.zeros((len(_FINETUNE_NAMES), len(batch_sizes), runs))
     for (i, name), (j, batch_size), run in itertools.product(
-        enumerate(names), enumerate(batch_sizes), range(runs)
+        enumerate(_FINETUNE_NAMES), enumerate(batch_sizes), range(runs)
     ):
         student = copy.deepcopy(model)
         if name == "BN frozen":
             frozen.freeze_batch_norm(student, affine_trainable=True)
         options = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed + run)
         accuracy[i, j, run] = _fit(student, target, device=device, **options)
-    mean = {name: accuracy[i].mean(axis=1) for i, name in enumerate(names)}
-    return FinetuneComparison(list(batch_sizes), before, adabn, mean, accuracy)
+    return FinetuneComparison(list(batch_sizes), before, adabn, accuracy)
 
 
 @dataclass
